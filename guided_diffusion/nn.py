@@ -1,0 +1,108 @@
+"""Small layers and helpers shared by the networks and the diffusion core.
+
+Everything here depends on torch alone, so the math core may use it.
+"""
+
+import math
+
+import torch as th
+import torch.nn as nn
+import torch.utils.checkpoint
+
+
+class SiLU(nn.Module):
+    """x * sigmoid(x) (Elfwing et al. 2017); kept as a named class for old pickles."""
+
+    def forward(self, x):
+        return th.nn.functional.silu(x)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype, for fp16 stability."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def _pick_by_dims(dims, classes, what):
+    if dims not in classes:
+        raise ValueError(f"unsupported dimensions for {what}: {dims} (expected 1, 2 or 3)")
+    return classes[dims]
+
+
+def conv_nd(dims, *args, **kwargs):
+    """A 1D, 2D or 3D convolution."""
+    cls = _pick_by_dims(dims, {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}, "conv_nd")
+    return cls(*args, **kwargs)
+
+
+def linear(*args, **kwargs):
+    """A linear layer (kept as a function so every layer is built in one place)."""
+    return nn.Linear(*args, **kwargs)
+
+
+def avg_pool_nd(dims, *args, **kwargs):
+    """A 1D, 2D or 3D average pool."""
+    classes = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+    return _pick_by_dims(dims, classes, "avg_pool_nd")(*args, **kwargs)
+
+
+@th.no_grad()
+def update_ema(target_params, source_params, rate=0.99):
+    """target <- rate * target + (1 - rate) * source, in place."""
+    for targ, src in zip(target_params, source_params):
+        targ.mul_(rate).add_(src, alpha=1 - rate)
+
+
+@th.no_grad()
+def zero_module(module):
+    """Zero every parameter of `module` and return it."""
+    for p in module.parameters():
+        p.zero_()
+    return module
+
+
+@th.no_grad()
+def scale_module(module, scale):
+    """Multiply every parameter of `module` by `scale` and return it."""
+    for p in module.parameters():
+        p.mul_(scale)
+    return module
+
+
+def mean_flat(tensor):
+    """Mean over every dimension but the batch one: (N, ...) -> (N,)."""
+    return tensor.mean(dim=list(range(1, tensor.ndim)))
+
+
+def normalization(channels):
+    """The normalisation layer of every block: 32-group GroupNorm in float32."""
+    return GroupNorm32(32, channels)
+
+
+def timestep_embedding(timesteps, dim, max_period=10000):
+    """Sinusoidal embeddings of (possibly fractional) timesteps, (N,) -> (N, dim).
+
+    Transformer position encoding (Vaswani et al. 2017, Sec. 3.5), laid out as the
+    cosine half first and the sine half second; frequencies max_period^(-i/half).
+    """
+    half = dim // 2
+    exponents = th.arange(half, dtype=th.float32, device=timesteps.device) / half
+    freqs = th.exp(-math.log(max_period) * exponents)  # (half,)
+    args = timesteps[:, None].float() * freqs[None]  # (N, half)
+    embedding = th.cat([th.cos(args), th.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = th.cat([embedding, th.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def checkpoint(func, inputs, params, flag):
+    """Run func(*inputs), recomputing its activations in backward when `flag`.
+
+    Trades compute for memory. `params` is accepted for compatibility: the
+    non-reentrant torch checkpoint already tracks every parameter `func` uses,
+    so gradients are identical to running without checkpointing.
+    """
+    if not flag:
+        return func(*inputs)
+    return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
