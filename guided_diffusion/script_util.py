@@ -1,0 +1,370 @@
+"""Flags, their defaults, and the factories that build models and diffusions from them.
+
+Every flag is defined once, in a FlagGroup below: its name, default and help.
+The *_defaults() dicts, the argparse parsers and the factories' keyword names all
+come from those groups (tests/test_script_util.py checks the factories against them).
+Factories accept the original's string forms ("32,16,8", channel_mult "") and turn
+them into typed values at their entry; the networks receive typed values.
+"""
+
+import argparse
+from dataclasses import dataclass
+
+from . import gaussian_diffusion as gd
+from .respace import SpacedDiffusion, space_timesteps
+from .unet import EncoderUNetModel, SuperResModel, UNetModel
+
+NUM_CLASSES = 1000
+CLASSIFIER_HEAD_CHANNELS = 64  # the classifier's attention head width, fixed as in the original
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    default: object
+    help: str
+
+
+class FlagGroup:
+    """An ordered set of flags; defaults() gives a fresh {name: default} dict."""
+
+    def __init__(self, *flags):
+        self.flags = flags
+
+    def defaults(self):
+        return {f.name: f.default for f in self.flags}
+
+    def __iter__(self):
+        return iter(self.flags)
+
+
+DIFFUSION_FLAGS = FlagGroup(
+    Flag("learn_sigma", False, "predict the variance too (interpolated, IDDPM Eq. 15); doubles the output channels"),
+    Flag("diffusion_steps", 1000, "number of diffusion steps T used in training"),
+    Flag("noise_schedule", "linear", "beta schedule: linear or cosine"),
+    Flag("timestep_respacing", "", "steps to keep for sampling: '' (all), '250', '10,15,20' or 'ddim25'"),
+    Flag("use_kl", False, "train on the variational bound (rescaled KL) instead of MSE"),
+    Flag("predict_xstart", False, "the model predicts x_0 instead of the noise"),
+    Flag("rescale_timesteps", False, "pass timesteps to the model scaled to 0..1000"),
+    Flag("rescale_learned_sigmas", False, "use RESCALED_MSE: weight the vb term by T/1000"),
+)
+
+_MODEL_FLAGS = (
+    Flag("image_size", 64, "image resolution (16, 32, 64, 128, 256 or 512 with the default channel_mult)"),
+    Flag("num_channels", 128, "base width of the UNet (model_channels)"),
+    Flag("num_res_blocks", 2, "residual blocks per resolution"),
+    Flag("num_heads", 4, "attention heads (ignored when num_head_channels is set)"),
+    Flag("num_heads_upsample", -1, "attention heads in the decoder; -1 means num_heads"),
+    Flag("num_head_channels", -1, "channels per attention head; -1 means use num_heads"),
+    Flag("attention_resolutions", "16,8", "comma-separated resolutions (in pixels) that get attention"),
+    Flag("channel_mult", "", "comma-separated width multipliers per level; '' picks one from image_size"),
+    Flag("dropout", 0.0, "dropout in the residual blocks"),
+    Flag("class_cond", False, "class-conditional model (label embedding)"),
+    Flag("use_checkpoint", False, "gradient checkpointing: recompute activations in backward to save memory"),
+    Flag("use_scale_shift_norm", True, "AdaGN: the timestep embedding scales and shifts the GroupNorm"),
+    Flag("resblock_updown", False, "BigGAN-style residual blocks for up/downsampling"),
+    Flag("use_fp16", False, "run the network body in float16"),
+    Flag("use_new_attention_order", False, "split q, k, v before heads (QKVAttention) instead of after"),
+)
+MODEL_FLAGS = FlagGroup(*_MODEL_FLAGS)
+
+CLASSIFIER_FLAGS = FlagGroup(
+    Flag("image_size", 64, "image resolution"),
+    Flag("classifier_use_fp16", False, "run the classifier body in float16"),
+    Flag("classifier_width", 128, "base width of the classifier"),
+    Flag("classifier_depth", 2, "residual blocks per resolution in the classifier"),
+    Flag("classifier_attention_resolutions", "32,16,8", "resolutions (in pixels) with attention in the classifier"),
+    Flag("classifier_use_scale_shift_norm", True, "AdaGN in the classifier's residual blocks"),
+    Flag("classifier_resblock_updown", True, "BigGAN-style downsampling blocks in the classifier"),
+    Flag("classifier_pool", "attention", "classifier head: adaptive, attention, spatial or spatial_v2"),
+)
+
+SR_FLAGS = FlagGroup(
+    Flag("large_size", 256, "output resolution of the super-resolution model"),
+    Flag("small_size", 64, "input (low) resolution of the super-resolution model"),
+)
+
+# Model flags a super-resolution model has no use for (its sizes come from large/small_size).
+_SR_DROPPED = ("image_size", "channel_mult", "use_new_attention_order")
+
+HELP = {f.name: f.help for group in (DIFFUSION_FLAGS, MODEL_FLAGS, CLASSIFIER_FLAGS, SR_FLAGS) for f in group}
+
+# Default width multipliers per level, by image size (the original's table, plus 32 and 16).
+CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+    16: (1, 2, 2),
+}
+SR_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4),
+                   32: (1, 2, 2, 2), 16: (1, 2, 2)}
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def diffusion_defaults():
+    """Defaults for image and classifier training."""
+    return DIFFUSION_FLAGS.defaults()
+
+
+def model_and_diffusion_defaults():
+    """Defaults for image training."""
+    res = MODEL_FLAGS.defaults()
+    res.update(diffusion_defaults())
+    return res
+
+
+def classifier_defaults():
+    """Defaults for classifier models."""
+    return CLASSIFIER_FLAGS.defaults()
+
+
+def classifier_and_diffusion_defaults():
+    res = classifier_defaults()
+    res.update(diffusion_defaults())
+    return res
+
+
+def sr_model_and_diffusion_defaults():
+    res = {k: v for k, v in model_and_diffusion_defaults().items() if k not in _SR_DROPPED}
+    res.update(SR_FLAGS.defaults())
+    return res
+
+
+# --------------------------------------------------------------------------- typed values
+
+
+def parse_channel_mult(channel_mult, image_size, table=CHANNEL_MULT):
+    """'' -> the table's default for image_size; '1,2,2,2' or a sequence -> a tuple of numbers."""
+    if channel_mult in ("", None):
+        if image_size not in table:
+            raise ValueError(
+                f"unsupported image size: {image_size} (defaults exist for {sorted(table)}); "
+                "pass --channel_mult explicitly, e.g. '1,2,2,2'"
+            )
+        return table[image_size]
+    if isinstance(channel_mult, str):
+        return tuple(_number(x) for x in channel_mult.split(","))
+    return tuple(channel_mult)
+
+
+def _number(text):
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def parse_attention_resolutions(attention_resolutions, image_size):
+    """Resolutions in pixels ("32,16,8" or ints) -> downsample rates image_size // r."""
+    if isinstance(attention_resolutions, str):
+        resolutions = [int(r) for r in attention_resolutions.split(",") if r.strip()]
+    elif isinstance(attention_resolutions, int):
+        resolutions = [attention_resolutions]
+    else:
+        resolutions = [int(r) for r in attention_resolutions]
+    return tuple(image_size // r for r in resolutions)
+
+
+# --------------------------------------------------------------------------- factories
+
+
+def create_model_and_diffusion(image_size, class_cond, learn_sigma, num_channels, num_res_blocks, channel_mult,
+                               num_heads, num_head_channels, num_heads_upsample, attention_resolutions, dropout,
+                               diffusion_steps, noise_schedule, timestep_respacing, use_kl, predict_xstart,
+                               rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
+                               resblock_updown, use_fp16, use_new_attention_order):
+    model = create_model(
+        image_size, num_channels, num_res_blocks, channel_mult=channel_mult, learn_sigma=learn_sigma,
+        class_cond=class_cond, use_checkpoint=use_checkpoint, attention_resolutions=attention_resolutions,
+        num_heads=num_heads, num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm, dropout=dropout, resblock_updown=resblock_updown,
+        use_fp16=use_fp16, use_new_attention_order=use_new_attention_order,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
+        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def create_model(image_size, num_channels, num_res_blocks, channel_mult="", learn_sigma=False, class_cond=False,
+                 use_checkpoint=False, attention_resolutions="16", num_heads=1, num_head_channels=-1,
+                 num_heads_upsample=-1, use_scale_shift_norm=False, dropout=0, resblock_updown=False,
+                 use_fp16=False, use_new_attention_order=False):
+    """A UNetModel from flags (the defaults of this signature are the original's)."""
+    return UNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=parse_attention_resolutions(attention_resolutions, image_size),
+        dropout=dropout,
+        channel_mult=parse_channel_mult(channel_mult, image_size),
+        num_classes=(NUM_CLASSES if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+    )
+
+
+def create_classifier_and_diffusion(image_size, classifier_use_fp16, classifier_width, classifier_depth,
+                                    classifier_attention_resolutions, classifier_use_scale_shift_norm,
+                                    classifier_resblock_updown, classifier_pool, learn_sigma, diffusion_steps,
+                                    noise_schedule, timestep_respacing, use_kl, predict_xstart, rescale_timesteps,
+                                    rescale_learned_sigmas):
+    classifier = create_classifier(
+        image_size, classifier_use_fp16, classifier_width, classifier_depth, classifier_attention_resolutions,
+        classifier_use_scale_shift_norm, classifier_resblock_updown, classifier_pool,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
+        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing,
+    )
+    return classifier, diffusion
+
+
+def create_classifier(image_size, classifier_use_fp16, classifier_width, classifier_depth,
+                      classifier_attention_resolutions, classifier_use_scale_shift_norm, classifier_resblock_updown,
+                      classifier_pool):
+    """The noisy-image classifier: an EncoderUNetModel with NUM_CLASSES outputs."""
+    channel_mult = parse_channel_mult("", image_size)
+    attention_ds = parse_attention_resolutions(classifier_attention_resolutions, image_size)
+    _check_head_channels(classifier_width, channel_mult, attention_ds)
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=classifier_width,
+        out_channels=NUM_CLASSES,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=attention_ds,
+        channel_mult=channel_mult,
+        use_fp16=classifier_use_fp16,
+        num_head_channels=CLASSIFIER_HEAD_CHANNELS,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )
+
+
+def _check_head_channels(width, channel_mult, attention_ds):
+    """The classifier's attention uses 64-channel heads: every attended width must divide."""
+    widths = [int(m * width) for level, m in enumerate(channel_mult) if 2**level in attention_ds]
+    widths.append(int(channel_mult[-1] * width))  # the middle block (and an attention pool) always attend
+    bad = [w for w in widths if w % CLASSIFIER_HEAD_CHANNELS]
+    if bad:
+        raise ValueError(
+            f"classifier_width {width} gives {bad[0]} channels where attention runs, not a multiple of the "
+            f"{CLASSIFIER_HEAD_CHANNELS} channels per head; use a classifier_width that is a multiple of 64"
+        )
+
+
+def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigma, num_channels, num_res_blocks,
+                                  num_heads, num_head_channels, num_heads_upsample, attention_resolutions, dropout,
+                                  diffusion_steps, noise_schedule, timestep_respacing, use_kl, predict_xstart,
+                                  rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
+                                  resblock_updown, use_fp16):
+    model = sr_create_model(
+        large_size, small_size, num_channels, num_res_blocks, learn_sigma=learn_sigma, class_cond=class_cond,
+        use_checkpoint=use_checkpoint, attention_resolutions=attention_resolutions, num_heads=num_heads,
+        num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm, dropout=dropout, resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
+        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint,
+                    attention_resolutions, num_heads, num_head_channels, num_heads_upsample, use_scale_shift_norm,
+                    dropout, resblock_updown, use_fp16):
+    """A SuperResModel producing large_size images from small_size ones."""
+    if small_size >= large_size:
+        raise ValueError(f"small_size ({small_size}) must be smaller than large_size ({large_size})")
+    return SuperResModel(
+        image_size=large_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=parse_attention_resolutions(attention_resolutions, large_size),
+        dropout=dropout,
+        channel_mult=parse_channel_mult("", large_size, table=SR_CHANNEL_MULT),
+        num_classes=(NUM_CLASSES if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+    )
+
+
+def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=False, noise_schedule="linear",
+                              use_kl=False, predict_xstart=False, rescale_timesteps=False,
+                              rescale_learned_sigmas=False, timestep_respacing=""):
+    """A SpacedDiffusion from flags (all steps kept when timestep_respacing is '')."""
+    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    if learn_sigma:
+        var_type = gd.ModelVarType.LEARNED_RANGE
+    else:
+        var_type = gd.ModelVarType.FIXED_SMALL if sigma_small else gd.ModelVarType.FIXED_LARGE
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing or [steps]),
+        betas=betas,
+        model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+        model_var_type=var_type,
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+    )
+
+
+# --------------------------------------------------------------------------- argparse
+
+
+def add_dict_to_argparser(parser, default_dict):
+    """Add a --flag for every key, typed by its default (bools take yes/no/true/false/1/0)."""
+    for k, v in default_dict.items():
+        v_type = str if v is None else str2bool if isinstance(v, bool) else type(v)
+        parser.add_argument(f"--{k}", default=v, type=v_type, help=_help_text(k, v))
+
+
+def _help_text(name, default):
+    text = HELP.get(name, "")
+    return f"{text} (default: {default!r})" if text else f"default: {default!r}"
+
+
+def args_to_dict(args, keys):
+    return {k: getattr(args, k) for k in keys}
+
+
+def str2bool(v):
+    """argparse type for booleans: yes/no, true/false, t/f, y/n, 1/0 (any case)."""
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r} (use true/false)")
+
