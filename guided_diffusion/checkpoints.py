@@ -8,6 +8,8 @@ that built the model, the flag values under which the checkpoint's layout fits.
 """
 
 import io
+import os
+import tempfile
 
 import blobfile as bf
 import torch as th
@@ -35,30 +37,38 @@ class CheckpointMismatchError(ValueError):
 
 
 def read_state_dict(path):
-    """Load a state dict from a local path or blobfile URL onto the CPU, tensors only."""
+    """Load a model state dict from a local path or blobfile URL onto the CPU, tensors only."""
+    return check_is_state_dict(read_checkpoint(path), path)
+
+
+def read_checkpoint(path):
+    """Load any checkpoint (a state dict, an optimizer state) with weights_only=True, onto the CPU."""
     if not bf.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (check --model_path / --classifier_path)")
     if "://" not in path:
         return _load(path, source=path)
     with bf.BlobFile(path, "rb") as f:
-        return state_dict_from_bytes(f.read(), source=path)
+        return checkpoint_from_bytes(f.read(), source=path)
 
 
-def state_dict_from_bytes(data, source="checkpoint"):
-    """A state dict from the bytes of a checkpoint file (as broadcast between ranks)."""
+def checkpoint_from_bytes(data, source="checkpoint"):
+    """A checkpoint from the bytes of its file (as broadcast between ranks)."""
     return _load(io.BytesIO(data), source=source)
 
 
 def _load(file, source):
     try:
-        state = th.load(file, map_location="cpu", weights_only=True)
+        return th.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, objects other than tensors
         raise ValueError(
-            f"cannot read {source} as a PyTorch state dict ({type(exc).__name__}: {exc}); "
+            f"cannot read {source} as a PyTorch checkpoint ({type(exc).__name__}: {exc}); "
             "the file may be truncated, or hold objects other than tensors"
         ) from exc
+
+
+def check_is_state_dict(state, source="checkpoint"):
     if not isinstance(state, dict) or not all(isinstance(v, th.Tensor) for v in state.values()):
-        raise ValueError(f"{source} is not a state dict (a mapping of parameter names to tensors)")
+        raise ValueError(f"{source} is not a model state dict (a mapping of parameter names to tensors)")
     return state
 
 
@@ -83,7 +93,7 @@ def load_model_state(model, state_dict, *, source="checkpoint", flags=None, buil
         lets the error name the flag values that fit the checkpoint.
     """
     expected = layout_of(model.state_dict())
-    found = layout_of(state_dict)
+    found = layout_of(check_is_state_dict(state_dict, source))
     if expected != found:
         hint = suggest_flags(found, flags, build) if flags is not None and build is not None else None
         raise CheckpointMismatchError(mismatch_message(source, expected, found, flags, hint))
@@ -173,3 +183,33 @@ def _inferred_flags(found, flags):
         if name in flags and emb and conv:
             out[name] = emb[0] == 2 * conv[0]
     return out
+
+
+def atomic_write(path, write):
+    """Call write(file) on a temporary file beside `path`, then rename it into place.
+
+    A run killed midway leaves at most a stray temporary file, never a truncated
+    `path`. Remote (blobfile URL) paths are written directly: their upload only
+    becomes visible when complete.
+    """
+    if "://" in path:
+        with bf.BlobFile(path, "wb") as f:
+            write(f)
+        return
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_state_dict(state, path):
+    """torch.save `state` to `path` atomically (see atomic_write)."""
+    atomic_write(path, lambda f: th.save(state, f))

@@ -84,10 +84,51 @@ SR_FLAGS = FlagGroup(
     Flag("small_size", 64, "input (low) resolution of the super-resolution model"),
 )
 
+# Flags of the training scripts (the original's names and defaults), and ours beyond them.
+RUN_FLAGS = FlagGroup(
+    Flag("log_dir", "", "where logs, checkpoints and outputs go ('' : $OPENAI_LOGDIR, else a new temporary folder)"),
+)
+
+TRAIN_FLAGS = FlagGroup(
+    Flag("data_dir", "", "folder of training images ('' : the built-in toy shapes dataset)"),
+    Flag("schedule_sampler", "uniform", "timestep sampler: uniform or loss-second-moment"),
+    Flag("lr", 1e-4, "learning rate (AdamW)"),
+    Flag("weight_decay", 0.0, "AdamW weight decay"),
+    Flag("lr_anneal_steps", 0, "anneal the learning rate to 0 over this many steps, then stop (0: train until stopped)"),
+    Flag("batch_size", 1, "images per step on each process"),
+    Flag("microbatch", -1, "images per forward pass; -1 disables gradient accumulation"),
+    Flag("ema_rate", "0.9999", "comma-separated EMA decay rates, one ema_*.pt file each"),
+    Flag("log_interval", 10, "steps between log dumps"),
+    Flag("save_interval", 10000, "steps between checkpoints"),
+    Flag("resume_checkpoint", "", "modelNNNNNN.pt to resume from (its ema_* and opt files are found beside it)"),
+    Flag("use_fp16", False, "train in float16 with a float32 master copy and dynamic loss scaling"),
+    Flag("fp16_scale_growth", 1e-3, "log2 growth of the fp16 loss scale per step"),
+    Flag("use_bf16", False, "train under bfloat16 autocast (no loss scale)"),
+)
+
+CLASSIFIER_TRAIN_FLAGS = FlagGroup(
+    Flag("data_dir", "", "folder of labeled training images ('' : the built-in toy shapes dataset)"),
+    Flag("val_data_dir", "", "folder of labeled validation images (with the toy dataset: a held-out toy set)"),
+    Flag("noised", True, "train on noised images x_t (the guidance classifier) instead of clean ones"),
+    Flag("iterations", 150000, "optimizer steps in total"),
+    Flag("lr", 3e-4, "learning rate (AdamW)"),
+    Flag("weight_decay", 0.0, "AdamW weight decay"),
+    Flag("anneal_lr", False, "anneal the learning rate linearly to 0 over the iterations"),
+    Flag("batch_size", 4, "images per step on each process"),
+    Flag("microbatch", -1, "images per forward pass; -1 disables gradient accumulation"),
+    Flag("schedule_sampler", "uniform", "timestep sampler for the noise levels"),
+    Flag("resume_checkpoint", "", "modelNNNNNN.pt to resume from (its opt file is found beside it)"),
+    Flag("log_interval", 10, "steps between log dumps"),
+    Flag("eval_interval", 5, "steps between validation batches"),
+    Flag("save_interval", 10000, "steps between checkpoints"),
+    Flag("use_bf16", False, "train under bfloat16 autocast"),
+)
+
 # Model flags a super-resolution model has no use for (its sizes come from large/small_size).
 _SR_DROPPED = ("image_size", "channel_mult", "use_new_attention_order")
 
-HELP = {f.name: f.help for group in (DIFFUSION_FLAGS, MODEL_FLAGS, CLASSIFIER_FLAGS, SR_FLAGS) for f in group}
+_ALL_GROUPS = (DIFFUSION_FLAGS, MODEL_FLAGS, CLASSIFIER_FLAGS, SR_FLAGS, RUN_FLAGS, TRAIN_FLAGS, CLASSIFIER_TRAIN_FLAGS)
+HELP = {f.name: f.help for group in reversed(_ALL_GROUPS) for f in group}
 
 # Default width multipliers per level, by image size (the original's table, plus 32 and 16).
 CHANNEL_MULT = {

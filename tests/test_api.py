@@ -85,10 +85,6 @@ CONTRACT = {
         "TimestepBlock": None,
         "TimestepEmbedSequential": None,
     },
-    "fp16_util": {
-        "convert_module_to_f16": "(l)",
-        "convert_module_to_f32": "(l)",
-    },
     "script_util": {
         "NUM_CLASSES": None,
         "diffusion_defaults": "()",
@@ -106,6 +102,41 @@ CONTRACT = {
         "add_dict_to_argparser": "(parser, default_dict)",
         "args_to_dict": "(args, keys)",
         "str2bool": "(v)",
+    },
+    "train_util": {
+        "TrainLoop": "(*, model, diffusion, data, batch_size, microbatch, lr, ema_rate, log_interval, save_interval, resume_checkpoint, use_fp16=False, fp16_scale_growth=0.001, schedule_sampler=None, weight_decay=0.0, lr_anneal_steps=0, use_bf16=False)",
+        "TrainLoop.run_loop": "(self)",
+        "TrainLoop.run_step": "(self, batch, cond)",
+        "parse_resume_step_from_filename": "(filename)",
+        "log_loss_dict": "(diffusion, ts, losses)",
+    },
+    "fp16_util": {
+        "convert_module_to_f16": "(l)",
+        "convert_module_to_f32": "(l)",
+        "MixedPrecisionTrainer": "(*, model, use_fp16=False, fp16_scale_growth=0.001, initial_lg_loss_scale=20.0, use_bf16=False)",
+        "MixedPrecisionTrainer.zero_grad": "(self)",
+        "MixedPrecisionTrainer.backward": "(self, loss)",
+        "MixedPrecisionTrainer.optimize": "(self, opt)",
+        "MixedPrecisionTrainer.master_params_to_state_dict": "(self, master_params)",
+        "MixedPrecisionTrainer.state_dict_to_master_params": "(self, state_dict)",
+    },
+    "image_datasets": {
+        "load_data": "(*, data_dir, batch_size, image_size, class_cond=False, deterministic=False, random_crop=False, random_flip=True)",
+        "ImageDataset": "(resolution, image_paths, classes=None, shard=0, num_shards=1, random_crop=False, random_flip=True)",
+        "center_crop_arr": "(pil_image, image_size)",
+        "random_crop_arr": "(pil_image, image_size, min_crop_frac=0.8, max_crop_frac=1.0)",
+    },
+    "dist_util": {
+        "setup_dist": "()",
+        "dev": "()",
+        "load_state_dict": "(path, **kwargs)",
+        "sync_params": "(params)",
+    },
+    "logger": {
+        "configure": "(dir=None, format_strs=None, comm=None, log_suffix='')",
+        "logkv": "(key, val)", "logkv_mean": "(key, val)", "logkvs": "(d)", "dumpkvs": "()", "getkvs": "()",
+        "log": None, "debug": None, "info": None, "warn": None, "error": None, "set_level": "(level)",
+        "get_dir": "()", "get_current": "()", "reset": "()",
     },
 }
 

@@ -110,7 +110,7 @@ def test_read_state_dict_round_trip_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match="junk.pt"):
         read_state_dict(str(tmp_path / "junk.pt"))
     th.save([1, 2, 3], tmp_path / "list.pt")
-    with pytest.raises(ValueError, match="not a state dict"):
+    with pytest.raises(ValueError, match="not a model state dict"):
         read_state_dict(str(tmp_path / "list.pt"))
     th.save({"w": th.zeros(2), "obj": pathlib.PurePosixPath("/x")}, tmp_path / "unsafe.pt")
     with pytest.raises(ValueError, match="unsafe.pt"):  # weights_only refuses arbitrary objects

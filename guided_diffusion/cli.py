@@ -1,0 +1,59 @@
+"""Shared helpers of the command-line scripts, so each script's main() stays a few lines."""
+
+import argparse
+
+from . import dist_util, logger
+from .script_util import RUN_FLAGS, add_dict_to_argparser
+from .toy_data import TOY_CLASSES, ensure_toy_dataset
+
+TOY_VALIDATION_SEED = 1  # the held-out toy set: same classes, other images
+
+
+def parse_flags(description, *groups, argv=None):
+    """Parse --flags whose defaults come from the given dicts or FlagGroups (later ones win)."""
+    defaults = dict(RUN_FLAGS.defaults())
+    for group in groups:
+        defaults.update(group if isinstance(group, dict) else group.defaults())
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_dict_to_argparser(parser, defaults)
+    return parser.parse_args(argv)
+
+
+def start_run(args):
+    """Set up the process group and the logger (into --log_dir, $OPENAI_LOGDIR or a new folder)."""
+    dist_util.setup_dist()
+    logger.configure(dir=args.log_dir or None)
+    if dist_util.is_main_process():
+        logger.log(f"devices: {dist_util.get_world_size()} process(es), this one on {dist_util.dev()}")
+
+
+def training_data_dir(data_dir, image_size, validation=False):
+    """data_dir, or the built-in toy dataset at image_size when it is empty (rank 0 creates it)."""
+    if data_dir:
+        return data_dir
+    seed = TOY_VALIDATION_SEED if validation else 0
+    if dist_util.is_main_process():
+        ensure_toy_dataset(image_size=image_size, seed=seed)
+    dist_util.barrier()
+    folder = ensure_toy_dataset(image_size=image_size, seed=seed)
+    if dist_util.is_main_process():
+        kind = "validation" if validation else "training"
+        logger.log(f"no --{'val_' if validation else ''}data_dir given: {kind} on the built-in toy shapes dataset "
+                   f"({len(TOY_CLASSES)} classes: {', '.join(TOY_CLASSES)}) at {folder}")
+    return folder
+
+
+
+def train_diffusion(args, model, diffusion, data):
+    """Run TrainLoop with the training flags of image_train.py / super_res_train.py."""
+    from .resample import create_named_schedule_sampler
+    from .train_util import TrainLoop
+
+    logger.log("training...")
+    TrainLoop(
+        model=model, diffusion=diffusion, data=data, batch_size=args.batch_size, microbatch=args.microbatch,
+        lr=args.lr, ema_rate=args.ema_rate, log_interval=args.log_interval, save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint, use_fp16=args.use_fp16, fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+        weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps, use_bf16=args.use_bf16,
+    ).run_loop()

@@ -1,0 +1,167 @@
+"""Process-group setup for one process, `mpiexec -n N` (mpi4py) or `torchrun`.
+
+setup_dist() always leaves torch.distributed initialised, with a world of one
+when nothing launched several processes, so code that calls collectives (as the
+original's scripts do) runs unchanged everywhere. Backends: NCCL for CUDA
+tensors with Gloo for CPU ones when a GPU is present, Gloo alone otherwise.
+"""
+
+import os
+import socket
+
+import torch as th
+import torch.distributed as dist
+
+from .checkpoints import checkpoint_from_bytes, read_checkpoint
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def setup_dist():
+    """Initialise torch.distributed from torchrun's variables, from MPI, or as a world of one."""
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if th.cuda.is_available() else "gloo"
+    if all(v in os.environ for v in _TORCHRUN_VARS):
+        _set_cuda_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, init_method="env://")
+        return
+    comm = _mpi_comm()
+    if comm is not None and comm.Get_size() > 1:
+        _init_from_mpi(comm, backend)
+        return
+    _set_cuda_device(0)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _mpi_comm():
+    """MPI.COMM_WORLD, or None when mpi4py is missing or MPI cannot start."""
+    try:
+        from mpi4py import MPI  # imported lazily: MPI is optional
+    except (ImportError, RuntimeError):
+        return None
+    return MPI.COMM_WORLD
+
+
+def _init_from_mpi(comm, backend):
+    """Rank and size from MPI; rank 0 picks the rendezvous address and broadcasts it."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    address = (_local_address(), _free_port()) if rank == 0 else None
+    address = comm.bcast(address, root=0)
+    local_rank = comm.Split_type(_mpi_shared_type()).Get_rank()
+    os.environ.update(MASTER_ADDR=address[0], MASTER_PORT=str(address[1]), RANK=str(rank),
+                      WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank))
+    _set_cuda_device(local_rank)
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size)
+
+
+def _mpi_shared_type():
+    from mpi4py import MPI
+
+    return MPI.COMM_TYPE_SHARED
+
+
+def _local_address():
+    # Loopback when the hostname does not resolve (containers, laptops off-network).
+    try:
+        return socket.gethostbyname(socket.getfqdn())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _set_cuda_device(local_rank):
+    # Respect the user's CUDA_VISIBLE_DEVICES; pick among the visible devices.
+    if th.cuda.is_available():
+        th.cuda.set_device(local_rank % th.cuda.device_count())
+
+
+def dev():
+    """The device this process computes on: its GPU, or the CPU."""
+    if th.cuda.is_available():
+        return th.device("cuda", th.cuda.current_device())
+    return th.device("cpu")
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def load_state_dict(path, **kwargs):
+    """Read a checkpoint once on rank 0 and share its bytes; every rank loads with weights_only=True.
+
+    :param kwargs: `map_location` is honoured, as the original passed it to torch.load.
+    """
+    state = read_checkpoint(path) if get_world_size() == 1 else _broadcast_checkpoint(path)
+    map_location = kwargs.get("map_location")
+    return _to_device(state, map_location) if map_location is not None else state
+
+
+def _to_device(obj, device):
+    """Move the tensors of a nested checkpoint (dicts, lists) to `device`."""
+    if isinstance(obj, th.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _broadcast_checkpoint(path):
+    """Rank 0 reads the file (a blob store is hit once) and broadcasts its bytes.
+
+    A file rank 0 cannot read raises on every rank instead of leaving the others waiting.
+    """
+    state, payload, error = None, None, None
+    if get_rank() == 0:
+        try:
+            data = _read_bytes(path)
+            state = checkpoint_from_bytes(data, source=path)
+            payload = th.frombuffer(bytearray(data), dtype=th.uint8)
+        except (OSError, ValueError) as exc:
+            error = exc
+    size = th.tensor([-1 if error else (payload.numel() if payload is not None else 0)], dtype=th.int64)
+    dist.broadcast(size, 0)
+    if size.item() < 0:
+        raise error if error else RuntimeError(f"rank 0 could not read the checkpoint {path}; see its error")
+    if payload is None:
+        payload = th.empty(int(size.item()), dtype=th.uint8)
+    dist.broadcast(payload, 0)
+    return state if state is not None else checkpoint_from_bytes(payload.numpy().tobytes(), source=path)
+
+
+def _read_bytes(path):
+    import blobfile as bf
+
+    if not bf.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} (check --model_path / --classifier_path)")
+    with bf.BlobFile(path, "rb") as f:
+        return f.read()
+
+
+def sync_params(params):
+    """Make every rank hold rank 0's values of `params`."""
+    if get_world_size() == 1:
+        return
+    for p in params:
+        with th.no_grad():
+            dist.broadcast(p, 0)

@@ -1,0 +1,27 @@
+"""Train a super-resolution diffusion model: large_size images conditioned on their small_size version."""
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.cli import parse_flags, start_run, train_diffusion, training_data_dir
+from guided_diffusion.image_datasets import load_superres_data
+from guided_diffusion.script_util import (
+    TRAIN_FLAGS,
+    args_to_dict,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
+
+
+def main():
+    args = parse_flags(__doc__, TRAIN_FLAGS, sr_model_and_diffusion_defaults())
+    start_run(args)
+    logger.log("creating model...")
+    model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
+    model.to(dist_util.dev())
+    logger.log("creating data loader...")
+    data = load_superres_data(training_data_dir(args.data_dir, args.large_size), args.batch_size,
+                              large_size=args.large_size, small_size=args.small_size, class_cond=args.class_cond)
+    train_diffusion(args, model, diffusion, data)
+
+
+if __name__ == "__main__":
+    main()
