@@ -173,8 +173,9 @@ def _inferred_flags(found, flags):
             out[name] = width[1]
     if "class_cond" in flags:
         out["class_cond"] = "label_emb.weight" in found
-    if "num_classes" in flags and "label_emb.weight" in found:
-        out["num_classes"] = found["label_emb.weight"][0]
+    classes = found.get("label_emb.weight") or found.get("out.2.c_proj.weight")  # UNet embedding, attention-pool head
+    if "num_classes" in flags and classes:
+        out["num_classes"] = classes[0]
     head = found.get("out.2.weight")
     if "learn_sigma" in flags and head and len(head) >= 3 and head[0] in (3, 6):
         out["learn_sigma"] = head[0] == 6

@@ -2,6 +2,8 @@
 
 import argparse
 
+import torch as th
+
 from . import dist_util, logger
 from .script_util import RUN_FLAGS, add_dict_to_argparser
 from .toy_data import TOY_CLASSES, ensure_toy_dataset
@@ -19,12 +21,30 @@ def parse_flags(description, *groups, argv=None):
     return parser.parse_args(argv)
 
 
-def start_run(args):
-    """Set up the process group and the logger (into --log_dir, $OPENAI_LOGDIR or a new folder)."""
+def start_run(args, seed=-1):
+    """Set up the process group and the logger (into --log_dir, $OPENAI_LOGDIR or a new folder).
+
+    With seed >= 0, torch's global RNG is seeded too (the same on every rank).
+    """
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
+    if seed is not None and seed >= 0:
+        th.manual_seed(seed)
     if dist_util.is_main_process():
         logger.log(f"devices: {dist_util.get_world_size()} process(es), this one on {dist_util.dev()}")
+
+
+def finish_sampling(images, labels=None):
+    """Save the samples on rank 0 (npz and PNG grid), wait for every rank, and log the path last."""
+    path = None
+    if dist_util.is_main_process():
+        from .sampling import save_samples
+
+        path = save_samples(images, labels)
+    dist_util.barrier()
+    if path:
+        logger.log(f"sampling complete: {len(images)} samples saved to {path}")
+    return path
 
 
 def training_data_dir(data_dir, image_size, validation=False):
@@ -42,6 +62,18 @@ def training_data_dir(data_dir, image_size, validation=False):
                    f"({len(TOY_CLASSES)} classes: {', '.join(TOY_CLASSES)}) at {folder}")
     return folder
 
+
+
+def labeled_data_dir(data_dir, image_size, num_classes, validation=False):
+    """training_data_dir, checked to hold no more classes than the model has outputs."""
+    from .image_datasets import class_names
+
+    folder = training_data_dir(data_dir, image_size, validation=validation)
+    names = class_names(folder)
+    if len(names) > num_classes:
+        raise ValueError(f"{folder} holds {len(names)} classes ({', '.join(names[:5])}...) but --num_classes is "
+                         f"{num_classes}; pass --num_classes {len(names)}")
+    return folder
 
 
 def train_diffusion(args, model, diffusion, data):

@@ -107,6 +107,24 @@ def _resolve_device(model, noise, device):
     return first.device if first is not None else th.device("cpu")
 
 
+def _randn(shape, device, generator=None):
+    """Standard normal noise of `shape`.
+
+    generator None draws from torch's global RNG (the original's behaviour); a
+    torch.Generator draws the whole tensor from it; a list of generators, one per
+    row, draws row i from generator i, so a sample's noise does not depend on the
+    batch it is in.
+    """
+    if generator is None:
+        return th.randn(*shape, device=device)
+    if isinstance(generator, th.Generator):
+        return th.randn(*shape, generator=generator, device=generator.device).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    rows = [th.randn(*shape[1:], generator=g, device=g.device) for g in generator]
+    return th.stack(rows).to(device)
+
+
 def _final(progressive):
     """Run a progressive sampling generator to its end and return its last sample."""
     final = None
@@ -325,37 +343,42 @@ class GaussianDiffusion:
 
     # ---------------------------------------------------------------- DDPM sampling
 
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None):
-        """Draw x_{t-1} ~ p(x_{t-1} | x_t) (DDPM, Alg. 2). Returns dict of sample and pred_xstart."""
+    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, *,
+                 generator=None):
+        """Draw x_{t-1} ~ p(x_{t-1} | x_t) (DDPM, Alg. 2). Returns dict of sample and pred_xstart.
+
+        :param generator: where the noise comes from (see _randn); beyond the original.
+        """
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
-        noise = th.randn_like(x)  # drawn before cond_fn runs, as the original, to keep seeded runs equal
+        # Drawn before cond_fn runs, as the original, so seeded runs give the same samples.
+        noise = _randn(x.shape, x.device, generator).type(x.dtype)
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
         sample = out["mean"] + _batch_mask(t, x.ndim) * th.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                      model_kwargs=None, device=None, progress=False):
+                      model_kwargs=None, device=None, progress=False, *, generator=None):
         """Sample from the model with DDPM ancestral sampling; returns the final (N, C, ...) batch."""
         return _final(self.p_sample_loop_progressive(
             model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, device=device, progress=progress,
+            model_kwargs=model_kwargs, device=device, progress=progress, generator=generator,
         ))
 
     def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                  cond_fn=None, model_kwargs=None, device=None, progress=False):
+                                  cond_fn=None, model_kwargs=None, device=None, progress=False, *, generator=None):
         """Yield the output dict of p_sample at every step, from t = T-1 down to 0."""
         def step(x, t):
             return self.p_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                 cond_fn=cond_fn, model_kwargs=model_kwargs)
+                                 cond_fn=cond_fn, model_kwargs=model_kwargs, generator=generator)
 
-        return self._reverse_loop(step, shape, noise, _resolve_device(model, noise, device), progress)
+        return self._reverse_loop(step, shape, noise, _resolve_device(model, noise, device), progress, generator)
 
-    def _reverse_loop(self, step, shape, noise, device, progress):
+    def _reverse_loop(self, step, shape, noise, device, progress, generator):
         """The loop shared by every sampler: start from noise, apply step(x, t) for t = T-1..0."""
         if not isinstance(shape, (tuple, list)):
             raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
-        x = noise if noise is not None else th.randn(*shape, device=device)
+        x = noise if noise is not None else _randn(shape, device, generator)
         indices = list(range(self.num_timesteps))[::-1]
         if progress:
             from tqdm.auto import tqdm  # lazily: only the progress bar needs it
@@ -371,7 +394,7 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------- DDIM sampling
 
     def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
-                    eta=0.0):
+                    eta=0.0, *, generator=None):
         """Draw x_{t-1} with DDIM (Song et al. 2021, Eq. 12); eta = 1 is DDPM-like, 0 is deterministic."""
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
         if cond_fn is not None:
@@ -382,7 +405,7 @@ class GaussianDiffusion:
         alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
         # DDIM, Eq. 16: sigma_t(eta).
         sigma = eta * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * th.sqrt(1 - alpha_bar / alpha_bar_prev)
-        noise = th.randn_like(x)
+        noise = _randn(x.shape, x.device, generator).type(x.dtype)
         # DDIM, Eq. 12: predicted x_0, direction to x_t, and fresh noise.
         mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_prev) + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         sample = mean_pred + _batch_mask(t, x.ndim) * sigma * noise
@@ -399,21 +422,22 @@ class GaussianDiffusion:
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                         model_kwargs=None, device=None, progress=False, eta=0.0):
+                         model_kwargs=None, device=None, progress=False, eta=0.0, *, generator=None):
         """Sample from the model with DDIM; returns the final (N, C, ...) batch."""
         return _final(self.ddim_sample_loop_progressive(
             model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, device=device, progress=progress, eta=eta,
+            model_kwargs=model_kwargs, device=device, progress=progress, eta=eta, generator=generator,
         ))
 
     def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                     cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0):
+                                     cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0, *,
+                                     generator=None):
         """Yield the output dict of ddim_sample at every step, from t = T-1 down to 0."""
         def step(x, t):
             return self.ddim_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                    cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta)
+                                    cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, generator=generator)
 
-        return self._reverse_loop(step, shape, noise, _resolve_device(model, noise, device), progress)
+        return self._reverse_loop(step, shape, noise, _resolve_device(model, noise, device), progress, generator)
 
     # ---------------------------------------------------------------- losses
 

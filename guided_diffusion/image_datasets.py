@@ -60,6 +60,11 @@ def load_data(
     return _forever(loader)
 
 
+def class_names(data_dir):
+    """The sorted class names of a labeled folder (file-name prefixes); index i is label i."""
+    return sorted({_class_name(path) for path in _list_data_dir(data_dir)})
+
+
 def _forever(loader):
     while True:
         yield from loader

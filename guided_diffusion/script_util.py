@@ -60,6 +60,7 @@ _MODEL_FLAGS = (
     Flag("channel_mult", "", "comma-separated width multipliers per level; '' picks one from image_size"),
     Flag("dropout", 0.0, "dropout in the residual blocks"),
     Flag("class_cond", False, "class-conditional model (label embedding)"),
+    Flag("num_classes", NUM_CLASSES, "number of classes of a class-conditional model or classifier (beyond the original)"),
     Flag("use_checkpoint", False, "gradient checkpointing: recompute activations in backward to save memory"),
     Flag("use_scale_shift_norm", True, "AdaGN: the timestep embedding scales and shifts the GroupNorm"),
     Flag("resblock_updown", False, "BigGAN-style residual blocks for up/downsampling"),
@@ -77,6 +78,7 @@ CLASSIFIER_FLAGS = FlagGroup(
     Flag("classifier_use_scale_shift_norm", True, "AdaGN in the classifier's residual blocks"),
     Flag("classifier_resblock_updown", True, "BigGAN-style downsampling blocks in the classifier"),
     Flag("classifier_pool", "attention", "classifier head: adaptive, attention, spatial or spatial_v2"),
+    Flag("num_classes", NUM_CLASSES, "number of classes of a class-conditional model or classifier (beyond the original)"),
 )
 
 SR_FLAGS = FlagGroup(
@@ -124,10 +126,40 @@ CLASSIFIER_TRAIN_FLAGS = FlagGroup(
     Flag("use_bf16", False, "train under bfloat16 autocast"),
 )
 
+SAMPLE_FLAGS = FlagGroup(
+    Flag("clip_denoised", True, "clip the predicted x_0 to [-1, 1] at every step"),
+    Flag("num_samples", 10000, "number of images to generate (over all processes)"),
+    Flag("batch_size", 16, "images per batch on each process"),
+    Flag("use_ddim", False, "sample with DDIM (use with --timestep_respacing ddimN) instead of DDPM"),
+    Flag("model_path", "", "the diffusion model checkpoint"),
+    Flag("seed", -1, "seed of per-sample random generators: the same images for any batch size or number of "
+                     "processes (-1: unseeded, torch's global RNG as in the original)"),
+    Flag("balanced_classes", False, "target class of sample i is i mod num_classes instead of random"),
+)
+
+GUIDANCE_FLAGS = FlagGroup(
+    Flag("classifier_path", "", "the noisy classifier checkpoint"),
+    Flag("classifier_scale", 1.0, "guidance scale s: the classifier gradient is multiplied by s (ADM, Alg. 1 and 2)"),
+)
+
+SUPER_RES_SAMPLE_FLAGS = FlagGroup(
+    Flag("base_samples", "", "npz of low-resolution samples (arr_0 uint8 NHWC, arr_1 labels) to upsample"),
+)
+
+NLL_FLAGS = FlagGroup(
+    Flag("data_dir", "", "folder of images to evaluate ('' : the built-in toy shapes dataset)"),
+    Flag("clip_denoised", True, "clip the predicted x_0 to [-1, 1]"),
+    Flag("num_samples", 1000, "number of images to evaluate"),
+    Flag("batch_size", 1, "images per batch on each process"),
+    Flag("model_path", "", "the diffusion model checkpoint"),
+    Flag("seed", -1, "seed of the noise draws (-1: unseeded)"),
+)
+
 # Model flags a super-resolution model has no use for (its sizes come from large/small_size).
 _SR_DROPPED = ("image_size", "channel_mult", "use_new_attention_order")
 
-_ALL_GROUPS = (DIFFUSION_FLAGS, MODEL_FLAGS, CLASSIFIER_FLAGS, SR_FLAGS, RUN_FLAGS, TRAIN_FLAGS, CLASSIFIER_TRAIN_FLAGS)
+_ALL_GROUPS = (DIFFUSION_FLAGS, MODEL_FLAGS, CLASSIFIER_FLAGS, SR_FLAGS, RUN_FLAGS, TRAIN_FLAGS, CLASSIFIER_TRAIN_FLAGS,
+               SAMPLE_FLAGS, GUIDANCE_FLAGS, SUPER_RES_SAMPLE_FLAGS, NLL_FLAGS)
 HELP = {f.name: f.help for group in reversed(_ALL_GROUPS) for f in group}
 
 # Default width multipliers per level, by image size (the original's table, plus 32 and 16).
@@ -215,13 +247,13 @@ def create_model_and_diffusion(image_size, class_cond, learn_sigma, num_channels
                                num_heads, num_head_channels, num_heads_upsample, attention_resolutions, dropout,
                                diffusion_steps, noise_schedule, timestep_respacing, use_kl, predict_xstart,
                                rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
-                               resblock_updown, use_fp16, use_new_attention_order):
+                               resblock_updown, use_fp16, use_new_attention_order, num_classes=NUM_CLASSES):
     model = create_model(
         image_size, num_channels, num_res_blocks, channel_mult=channel_mult, learn_sigma=learn_sigma,
         class_cond=class_cond, use_checkpoint=use_checkpoint, attention_resolutions=attention_resolutions,
         num_heads=num_heads, num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm, dropout=dropout, resblock_updown=resblock_updown,
-        use_fp16=use_fp16, use_new_attention_order=use_new_attention_order,
+        use_fp16=use_fp16, use_new_attention_order=use_new_attention_order, num_classes=num_classes,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
@@ -234,7 +266,7 @@ def create_model_and_diffusion(image_size, class_cond, learn_sigma, num_channels
 def create_model(image_size, num_channels, num_res_blocks, channel_mult="", learn_sigma=False, class_cond=False,
                  use_checkpoint=False, attention_resolutions="16", num_heads=1, num_head_channels=-1,
                  num_heads_upsample=-1, use_scale_shift_norm=False, dropout=0, resblock_updown=False,
-                 use_fp16=False, use_new_attention_order=False):
+                 use_fp16=False, use_new_attention_order=False, num_classes=NUM_CLASSES):
     """A UNetModel from flags (the defaults of this signature are the original's)."""
     return UNetModel(
         image_size=image_size,
@@ -245,7 +277,7 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
         attention_resolutions=parse_attention_resolutions(attention_resolutions, image_size),
         dropout=dropout,
         channel_mult=parse_channel_mult(channel_mult, image_size),
-        num_classes=(NUM_CLASSES if class_cond else None),
+        num_classes=(num_classes if class_cond else None),
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
         num_heads=num_heads,
@@ -261,10 +293,10 @@ def create_classifier_and_diffusion(image_size, classifier_use_fp16, classifier_
                                     classifier_attention_resolutions, classifier_use_scale_shift_norm,
                                     classifier_resblock_updown, classifier_pool, learn_sigma, diffusion_steps,
                                     noise_schedule, timestep_respacing, use_kl, predict_xstart, rescale_timesteps,
-                                    rescale_learned_sigmas):
+                                    rescale_learned_sigmas, num_classes=NUM_CLASSES):
     classifier = create_classifier(
         image_size, classifier_use_fp16, classifier_width, classifier_depth, classifier_attention_resolutions,
-        classifier_use_scale_shift_norm, classifier_resblock_updown, classifier_pool,
+        classifier_use_scale_shift_norm, classifier_resblock_updown, classifier_pool, num_classes=num_classes,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
@@ -276,8 +308,8 @@ def create_classifier_and_diffusion(image_size, classifier_use_fp16, classifier_
 
 def create_classifier(image_size, classifier_use_fp16, classifier_width, classifier_depth,
                       classifier_attention_resolutions, classifier_use_scale_shift_norm, classifier_resblock_updown,
-                      classifier_pool):
-    """The noisy-image classifier: an EncoderUNetModel with NUM_CLASSES outputs."""
+                      classifier_pool, num_classes=NUM_CLASSES):
+    """The noisy-image classifier: an EncoderUNetModel with num_classes outputs."""
     channel_mult = parse_channel_mult("", image_size)
     attention_ds = parse_attention_resolutions(classifier_attention_resolutions, image_size)
     _check_head_channels(classifier_width, channel_mult, attention_ds)
@@ -285,7 +317,7 @@ def create_classifier(image_size, classifier_use_fp16, classifier_width, classif
         image_size=image_size,
         in_channels=3,
         model_channels=classifier_width,
-        out_channels=NUM_CLASSES,
+        out_channels=num_classes,
         num_res_blocks=classifier_depth,
         attention_resolutions=attention_ds,
         channel_mult=channel_mult,
@@ -313,13 +345,13 @@ def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigm
                                   num_heads, num_head_channels, num_heads_upsample, attention_resolutions, dropout,
                                   diffusion_steps, noise_schedule, timestep_respacing, use_kl, predict_xstart,
                                   rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
-                                  resblock_updown, use_fp16):
+                                  resblock_updown, use_fp16, num_classes=NUM_CLASSES):
     model = sr_create_model(
         large_size, small_size, num_channels, num_res_blocks, learn_sigma=learn_sigma, class_cond=class_cond,
         use_checkpoint=use_checkpoint, attention_resolutions=attention_resolutions, num_heads=num_heads,
         num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm, dropout=dropout, resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
+        use_fp16=use_fp16, num_classes=num_classes,
     )
     diffusion = create_gaussian_diffusion(
         steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
@@ -331,7 +363,7 @@ def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigm
 
 def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint,
                     attention_resolutions, num_heads, num_head_channels, num_heads_upsample, use_scale_shift_norm,
-                    dropout, resblock_updown, use_fp16):
+                    dropout, resblock_updown, use_fp16, num_classes=NUM_CLASSES):
     """A SuperResModel producing large_size images from small_size ones."""
     if small_size >= large_size:
         raise ValueError(f"small_size ({small_size}) must be smaller than large_size ({large_size})")
@@ -344,7 +376,7 @@ def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_
         attention_resolutions=parse_attention_resolutions(attention_resolutions, large_size),
         dropout=dropout,
         channel_mult=parse_channel_mult("", large_size, table=SR_CHANNEL_MULT),
-        num_classes=(NUM_CLASSES if class_cond else None),
+        num_classes=(num_classes if class_cond else None),
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,
         num_head_channels=num_head_channels,
@@ -378,6 +410,20 @@ def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=Fals
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
     )
+
+
+# kind -> (defaults, factory returning (model, diffusion), the flag that asks for fp16)
+MODEL_KINDS = {
+    "diffusion": (model_and_diffusion_defaults, create_model_and_diffusion, "use_fp16"),
+    "classifier": (classifier_and_diffusion_defaults, create_classifier_and_diffusion, "classifier_use_fp16"),
+    "super_res": (sr_model_and_diffusion_defaults, sr_create_model_and_diffusion, "use_fp16"),
+}
+
+
+def create_from_flags(kind, flags):
+    """(model, diffusion) of a kind ("diffusion", "classifier", "super_res") from a dict holding its flags."""
+    defaults, factory, _ = MODEL_KINDS[kind]
+    return factory(**{k: flags[k] for k in defaults()})
 
 
 # --------------------------------------------------------------------------- argparse

@@ -1,7 +1,7 @@
 """Train a noisy-image classifier for guidance (the built-in toy shapes when --data_dir is not given)."""
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import parse_flags, start_run, training_data_dir
+from guided_diffusion.cli import labeled_data_dir, parse_flags, start_run
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
@@ -13,21 +13,27 @@ from guided_diffusion.script_util import (
 from guided_diffusion.train_util import ClassifierTrainLoop
 
 
+def parse_args(argv=None):
+    return parse_flags(__doc__, CLASSIFIER_TRAIN_FLAGS, classifier_and_diffusion_defaults(), argv=argv)
+
+
 def main():
-    args = parse_flags(__doc__, CLASSIFIER_TRAIN_FLAGS, classifier_and_diffusion_defaults())
+    args = parse_args()
     start_run(args)
     logger.log("creating model and diffusion...")
     model, diffusion = create_classifier_and_diffusion(**args_to_dict(args, classifier_and_diffusion_defaults().keys()))
     model.to(dist_util.dev())
     logger.log("creating data loader...")
-    data = load_data(data_dir=training_data_dir(args.data_dir, args.image_size), batch_size=args.batch_size,
-                     image_size=args.image_size, class_cond=True, random_crop=True)
-    val_dir = args.val_data_dir or (None if args.data_dir else training_data_dir("", args.image_size, validation=True))
-    val_data = val_dir and load_data(data_dir=val_dir, batch_size=args.batch_size, image_size=args.image_size,
-                                     class_cond=True)
+    data = load_data(data_dir=labeled_data_dir(args.data_dir, args.image_size, args.num_classes),
+                     batch_size=args.batch_size, image_size=args.image_size, class_cond=True, random_crop=True)
+    val_data = None
+    if args.val_data_dir or not args.data_dir:  # the toy dataset brings its own held-out set
+        val_dir = labeled_data_dir(args.val_data_dir, args.image_size, args.num_classes, validation=True)
+        val_data = load_data(data_dir=val_dir, batch_size=args.batch_size, image_size=args.image_size,
+                             class_cond=True)
     logger.log("training classifier model...")
     ClassifierTrainLoop(
-        model=model, diffusion=diffusion, data=data, val_data=val_data or None, batch_size=args.batch_size,
+        model=model, diffusion=diffusion, data=data, val_data=val_data, batch_size=args.batch_size,
         microbatch=args.microbatch, lr=args.lr, iterations=args.iterations, log_interval=args.log_interval,
         save_interval=args.save_interval, eval_interval=args.eval_interval, resume_checkpoint=args.resume_checkpoint,
         noised=args.noised, anneal_lr=args.anneal_lr, weight_decay=args.weight_decay,

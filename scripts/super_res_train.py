@@ -11,8 +11,12 @@ from guided_diffusion.script_util import (
 )
 
 
+def parse_args(argv=None):
+    return parse_flags(__doc__, TRAIN_FLAGS, sr_model_and_diffusion_defaults(), argv=argv)
+
+
 def main():
-    args = parse_flags(__doc__, TRAIN_FLAGS, sr_model_and_diffusion_defaults())
+    args = parse_args()
     start_run(args)
     logger.log("creating model...")
     model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))

@@ -11,12 +11,7 @@ from guided_diffusion.checkpoints import CheckpointMismatchError, load_model_sta
 
 LAYOUTS = sorted((pathlib.Path(__file__).parent / "data" / "checkpoint_layouts").glob("*.json"))
 
-# kind -> (defaults, factory returning (model, diffusion), the flag that says fp16)
-KINDS = {
-    "diffusion": (su.model_and_diffusion_defaults, su.create_model_and_diffusion, "use_fp16"),
-    "classifier": (su.classifier_and_diffusion_defaults, su.create_classifier_and_diffusion, "classifier_use_fp16"),
-    "super_res": (su.sr_model_and_diffusion_defaults, su.sr_create_model_and_diffusion, "use_fp16"),
-}
+KINDS = su.MODEL_KINDS
 
 
 def build_on_meta(kind, flags):
@@ -72,6 +67,8 @@ def mismatch_message(kind, flags, changed):
     ("classifier", TINY_CLASSIFIER, {"classifier_depth": 3}),
     ("classifier", TINY_CLASSIFIER, {"classifier_width": 128}),
     ("classifier", TINY_CLASSIFIER, {"image_size": 64}),
+    ("classifier", TINY_CLASSIFIER, {"num_classes": 4}),
+    ("diffusion", {**TINY_MODEL, "class_cond": True}, {"num_classes": 10}),
 ], ids=lambda v: str(v) if isinstance(v, dict) and len(v) == 1 else None)
 def test_mismatch_names_the_differing_flag(kind, flags, changed):
     message = mismatch_message(kind, flags, changed)

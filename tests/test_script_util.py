@@ -17,13 +17,14 @@ def test_defaults_are_the_originals():
     model = su.model_and_diffusion_defaults()
     assert model == dict(
         image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1, num_head_channels=-1,
-        attention_resolutions="16,8", channel_mult="", dropout=0.0, class_cond=False, use_checkpoint=False,
+        attention_resolutions="16,8", channel_mult="", dropout=0.0, class_cond=False, num_classes=1000,
+        use_checkpoint=False,
         use_scale_shift_norm=True, resblock_updown=False, use_fp16=False, use_new_attention_order=False,
         **su.diffusion_defaults())
     assert su.classifier_defaults() == dict(
         image_size=64, classifier_use_fp16=False, classifier_width=128, classifier_depth=2,
         classifier_attention_resolutions="32,16,8", classifier_use_scale_shift_norm=True,
-        classifier_resblock_updown=True, classifier_pool="attention")
+        classifier_resblock_updown=True, classifier_pool="attention", num_classes=1000)
     sr = su.sr_model_and_diffusion_defaults()
     assert sr["large_size"] == 256 and sr["small_size"] == 64
     assert not {"image_size", "channel_mult", "use_new_attention_order"} & set(sr)
@@ -64,6 +65,15 @@ def test_attention_resolutions_become_downsample_rates():
     assert su.parse_attention_resolutions("16", 256) == (16,)
     assert su.parse_attention_resolutions([32, 16], 128) == (4, 8)
     assert su.parse_attention_resolutions("", 64) == ()
+
+
+def test_num_classes_reaches_every_network():
+    model = su.create_model(16, 32, 1, class_cond=True, num_classes=7, attention_resolutions="8")
+    assert model.label_emb.weight.shape[0] == 7
+    assert su.create_model(16, 32, 1, num_classes=7).num_classes is None  # not class-conditional
+    clf = su.create_classifier(**{**su.classifier_defaults(), "image_size": 16, "classifier_width": 64,
+                                  "classifier_depth": 1, "num_classes": 7})
+    assert clf(th.randn(2, 3, 16, 16), th.tensor([0, 1])).shape == (2, 7)
 
 
 def test_explicit_channel_mult_reaches_the_network():
@@ -129,3 +139,17 @@ def test_str2bool():
     assert su.str2bool("Yes") is True and su.str2bool("0") is False and su.str2bool(True) is True
     with pytest.raises(argparse.ArgumentTypeError, match="boolean"):
         su.str2bool("perhaps")
+
+
+def test_readme_flags_reference_lists_every_flag():
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    reference = readme[readme.index("## Flags reference"):]
+    groups = (su.DIFFUSION_FLAGS, su.MODEL_FLAGS, su.CLASSIFIER_FLAGS, su.SR_FLAGS, su.TRAIN_FLAGS,
+              su.CLASSIFIER_TRAIN_FLAGS, su.SAMPLE_FLAGS, su.GUIDANCE_FLAGS, su.SUPER_RES_SAMPLE_FLAGS, su.NLL_FLAGS,
+              su.RUN_FLAGS)
+    for group in groups:
+        for flag in group:
+            assert f"`--{flag.name}` | `{flag.default!r}`" in reference or \
+                   f"`--{flag.name}` | `{flag.default}`" in reference, flag.name

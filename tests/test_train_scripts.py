@@ -70,3 +70,10 @@ def test_bad_data_dir_fails_with_a_clear_message(tmp_path, env):
                              str(tmp_path / "nowhere"), "--log_dir", str(tmp_path / "x")], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "nowhere" in result.stderr and "does not exist" in result.stderr
+
+
+def test_too_few_num_classes_for_the_data_fails_clearly(tmp_path, env):
+    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "classifier_train.py"), "--num_classes", "3",
+                             "--image_size", "16", "--log_dir", str(tmp_path / "x")], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0 and "holds 4 classes" in result.stderr and "--num_classes 4" in result.stderr

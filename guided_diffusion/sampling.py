@@ -1,0 +1,208 @@
+"""What the sampling scripts share: models from flags and checkpoints, classifier guidance,
+batched generation over all ranks, and the npz / PNG outputs.
+
+Sample i of a run is always the same computation: with a seed it draws its label,
+its x_T and its per-step noise from its own generator, so the images do not depend
+on the batch size or the number of processes.
+"""
+
+import math
+import os
+
+import numpy as np
+import torch as th
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import dist_util, logger
+from .checkpoints import atomic_write, load_model_state
+from .script_util import MODEL_KINDS, args_to_dict, create_from_flags
+
+# --------------------------------------------------------------------------- models
+
+
+def load_model(kind, args, path, path_flag="model_path"):
+    """Build a model of `kind` from the flags in args, load its checkpoint strictly, move it to this
+    process's device (in fp16 when its flag says so) and set eval mode. Returns (model, diffusion)."""
+    if not path:
+        raise ValueError(f"--{path_flag} is required: the checkpoint of the {kind} model to sample with")
+    defaults, _, fp16_flag = MODEL_KINDS[kind]
+    flags = args_to_dict(args, defaults().keys())
+    model, diffusion = create_from_flags(kind, flags)
+    logger.log(f"loading {kind} model from {path}...")
+    state = dist_util.load_state_dict(path, map_location="cpu")
+    load_model_state(model, state, source=path, flags=flags, build=lambda **f: create_from_flags(kind, f)[0])
+    model.to(dist_util.dev())
+    if flags[fp16_flag]:
+        model.convert_to_fp16()
+    return model.eval(), diffusion
+
+
+def class_conditional_model(model, class_cond):
+    """The model as the samplers call it: it sees the labels y only when it is class-conditional."""
+
+    def model_fn(x, t, y=None, **kwargs):
+        return model(x, t, y=y if class_cond else None, **kwargs)
+
+    return model_fn
+
+
+def classifier_cond_fn(classifier, scale):
+    """cond_fn(x_t, t, y) = scale * grad_x log p_phi(y | x_t) (ADM, Alg. 1 and 2)."""
+
+    def cond_fn(x, t, y=None, **kwargs):
+        if y is None:
+            raise ValueError("classifier guidance needs target labels y")
+        with th.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = F.log_softmax(classifier(x_in, t).float(), dim=-1)  # (N, classes)
+            selected = log_probs[th.arange(len(y), device=y.device), y.view(-1)]
+            return th.autograd.grad(selected.sum(), x_in)[0] * scale
+
+    return cond_fn
+
+
+# --------------------------------------------------------------------------- randomness
+
+
+NOISE_STREAM, LABEL_STREAM = 0, 1
+
+
+def sample_generators(seed, indices, device, stream=NOISE_STREAM):
+    """One torch.Generator per global sample index, seeded from (seed, index, stream); None when seed < 0.
+
+    Labels and noise use separate streams, so a sample's noise is the same whether or
+    not the run draws labels (image_sample.py of an unconditional model, or classifier_sample.py).
+    """
+    if seed is None or seed < 0:
+        return None
+    seeds = [int(np.random.SeedSequence([seed, i, stream]).generate_state(1, np.uint64)[0] >> 1) for i in indices]
+    return [th.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+def draw_labels(indices, seed, num_classes, device, balanced=False):
+    """Target classes of the samples `indices`: i mod num_classes when balanced, else drawn from each
+    sample's label generator (or, unseeded, from torch's global RNG before any noise, as the original)."""
+    if balanced or not indices:
+        return th.tensor([i % num_classes for i in indices], dtype=th.long, device=device)
+    generators = sample_generators(seed, indices, device, stream=LABEL_STREAM)
+    if generators is None:
+        return th.randint(low=0, high=num_classes, size=(len(indices),), device=device)
+    return th.cat([th.randint(num_classes, (1,), generator=g, device=g.device) for g in generators]).to(device)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def rank_batches(num_samples, batch_size, rank, world):
+    """The global sample indices this rank handles, batch by batch.
+
+    Round k covers indices [k B W, (k+1) B W), rank r the block starting at k B W + r B.
+    Every rank yields the same number of batches (possibly empty ones at the end),
+    so the gathers stay in step.
+    """
+    for start in range(0, num_samples, batch_size * world):
+        first = start + rank * batch_size
+        yield list(range(first, min(first + batch_size, num_samples)))
+
+
+def generate(diffusion, model_fn, *, num_samples, batch_size, image_shape, kwargs_for, cond_fn=None,
+             use_ddim=False, clip_denoised=True, seed=-1, progress=True):
+    """Sample num_samples images over all ranks; rank 0 returns (images uint8 NHWC, labels or None).
+
+    :param image_shape: (C, H, W) of one sample.
+    :param kwargs_for: kwargs_for(indices) -> model_kwargs of that batch of global sample indices
+        (tensors on the device); its "y" entry, if any, is returned as the labels.
+    """
+    device, rank, world = dist_util.dev(), dist_util.get_rank(), dist_util.get_world_size()
+    sample_fn = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    images, labels = [], []
+    bar = _progress_bar(num_samples) if progress and rank == 0 else None
+    for indices in rank_batches(num_samples, batch_size, rank, world):
+        batch, y = _sample_batch(sample_fn, model_fn, indices, image_shape, kwargs_for, cond_fn,
+                                 clip_denoised, seed, device)
+        images.append(gather_rows(batch, batch_size))
+        labels.append(gather_rows(y, batch_size) if y is not None else None)
+        if bar is not None:
+            bar.update(images[-1].shape[0])
+    if bar is not None:
+        bar.close()
+    if rank != 0:
+        return None, None
+    all_images = th.cat(images).cpu().numpy()
+    all_labels = th.cat(labels).cpu().numpy() if labels and labels[0] is not None else None
+    return all_images, all_labels
+
+
+def _sample_batch(sample_fn, model_fn, indices, image_shape, kwargs_for, cond_fn, clip_denoised, seed, device):
+    """One batch of samples as uint8 NHWC, and its labels; empty tensors for an empty batch."""
+    model_kwargs = kwargs_for(indices)
+    generators = sample_generators(seed, indices, device)
+    y = model_kwargs.get("y")
+    if not indices:
+        return th.zeros((0, *image_shape[1:], image_shape[0]), dtype=th.uint8, device=device), y
+    sample = sample_fn(model_fn, (len(indices), *image_shape), clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                       cond_fn=cond_fn, device=device, generator=generators)
+    return to_uint8_nhwc(sample), y
+
+
+def to_uint8_nhwc(sample):
+    """[-1, 1] float NCHW -> uint8 NHWC."""
+    return ((sample + 1) * 127.5).clamp(0, 255).to(th.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def gather_rows(x, batch_size):
+    """Concatenate the rows of x (at most batch_size of them) from every rank, in rank order."""
+    if dist_util.get_world_size() == 1:
+        return x
+    world = dist_util.get_world_size()
+    count = th.tensor([x.shape[0]], device=x.device)
+    counts = [th.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    padded = th.cat([x, x.new_zeros((batch_size - x.shape[0], *x.shape[1:]))])
+    gathered = [th.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return th.cat([g[: int(c)] for g, c in zip(gathered, counts)])
+
+
+def _progress_bar(total):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="sample", desc="sampling")
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def save_samples(images, labels=None, out_dir=None, grid_size=64):
+    """Write samples_{N}x{H}x{W}x{C}.npz (arr_0 images, arr_1 labels) and a PNG grid beside it, on rank 0.
+
+    Both files are written atomically; returns the npz path.
+    """
+    out_dir = out_dir or logger.get_dir()
+    shape_str = "x".join(str(x) for x in images.shape)
+    path = os.path.join(out_dir, f"samples_{shape_str}.npz")
+    arrays = [images] if labels is None else [images, labels.astype(np.int64)]
+    atomic_write(path, lambda f: np.savez(f, *arrays))
+    save_image_grid(images[:grid_size], path[: -len(".npz")] + ".png")
+    return path
+
+
+def save_image_grid(images, path, nrow=None, pad=2):
+    """Tile uint8 NHWC images into one PNG, nrow images per row (default: a square-ish grid)."""
+    from PIL import Image
+
+    grid = image_grid(images, nrow=nrow, pad=pad)
+    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+
+
+def image_grid(images, nrow=None, pad=2):
+    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) uint8 array on white."""
+    n, h, w, c = images.shape
+    cols = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+    return grid

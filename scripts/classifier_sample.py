@@ -1,0 +1,36 @@
+"""Sample from a diffusion model guided by a noisy classifier; save the images, their target classes and a grid."""
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.cli import finish_sampling, parse_flags, start_run
+from guided_diffusion.sampling import class_conditional_model, classifier_cond_fn, draw_labels, generate, load_model
+from guided_diffusion.script_util import GUIDANCE_FLAGS, SAMPLE_FLAGS, classifier_defaults, model_and_diffusion_defaults
+
+
+def parse_args(argv=None):
+    return parse_flags(__doc__, SAMPLE_FLAGS, GUIDANCE_FLAGS, model_and_diffusion_defaults(), classifier_defaults(),
+                       argv=argv)
+
+
+def main():
+    args = parse_args()
+    start_run(args, seed=args.seed)
+    model, diffusion = load_model("diffusion", args, args.model_path)
+    classifier, _ = load_model("classifier", args, args.classifier_path, path_flag="classifier_path")
+    device = dist_util.dev()
+
+    def kwargs_for(indices):
+        return {"y": draw_labels(indices, args.seed, args.num_classes, device, balanced=args.balanced_classes)}
+
+    logger.log(f"sampling with classifier scale {args.classifier_scale}...")
+    images, labels = generate(
+        diffusion, class_conditional_model(model, args.class_cond), num_samples=args.num_samples,
+        batch_size=args.batch_size, image_shape=(3, args.image_size, args.image_size), kwargs_for=kwargs_for,
+        # A zero scale adds nothing: skip the classifier's forward and backward passes altogether.
+        cond_fn=classifier_cond_fn(classifier, args.classifier_scale) if args.classifier_scale else None,
+        use_ddim=args.use_ddim, clip_denoised=args.clip_denoised, seed=args.seed,
+    )
+    finish_sampling(images, labels)
+
+
+if __name__ == "__main__":
+    main()

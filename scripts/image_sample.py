@@ -1,0 +1,34 @@
+"""Generate a large batch of samples from a diffusion model and save them as a numpy array (and a PNG grid)."""
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.cli import finish_sampling, parse_flags, start_run
+from guided_diffusion.sampling import class_conditional_model, draw_labels, generate, load_model
+from guided_diffusion.script_util import SAMPLE_FLAGS, model_and_diffusion_defaults
+
+
+def parse_args(argv=None):
+    return parse_flags(__doc__, SAMPLE_FLAGS, model_and_diffusion_defaults(), argv=argv)
+
+
+def main():
+    args = parse_args()
+    start_run(args, seed=args.seed)
+    model, diffusion = load_model("diffusion", args, args.model_path)
+
+    def kwargs_for(indices):
+        if not args.class_cond:
+            return {}
+        return {"y": draw_labels(indices, args.seed, args.num_classes, dist_util.dev(),
+                                 balanced=args.balanced_classes)}
+
+    logger.log("sampling...")
+    images, labels = generate(
+        diffusion, class_conditional_model(model, args.class_cond), num_samples=args.num_samples,
+        batch_size=args.batch_size, image_shape=(3, args.image_size, args.image_size), kwargs_for=kwargs_for,
+        use_ddim=args.use_ddim, clip_denoised=args.clip_denoised, seed=args.seed,
+    )
+    finish_sampling(images, labels if args.class_cond else None)
+
+
+if __name__ == "__main__":
+    main()
