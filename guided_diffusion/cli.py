@@ -24,12 +24,19 @@ def parse_flags(description, *groups, argv=None):
 def start_run(args, seed=-1):
     """Set up the process group and the logger (into --log_dir, $OPENAI_LOGDIR or a new folder).
 
-    With seed >= 0, torch's global RNG is seeded too (the same on every rank).
+    With seed >= 0 the run is reproducible: torch's RNG gets the seed on every rank (the same
+    initial weights), numpy's and Python's get seed + rank (timestep draws, flips).
     """
     dist_util.setup_dist()
     logger.configure(dir=args.log_dir or None)
     if seed is not None and seed >= 0:
+        import random
+
+        import numpy as np
+
         th.manual_seed(seed)
+        np.random.seed(seed + dist_util.get_rank())
+        random.seed(seed + dist_util.get_rank())
     if dist_util.is_main_process():
         logger.log(f"devices: {dist_util.get_world_size()} process(es), this one on {dist_util.dev()}")
 

@@ -85,14 +85,15 @@ def train_all(cfg, out_dir, say):
     steps = [
         ("diffusion model (class-unconditional)", "image_train.py", "diffusion", cfg.train_steps, cli_args(
             model_flags(cfg), batch_size=cfg.train_batch, lr=cfg.lr, lr_anneal_steps=cfg.train_steps,
-            save_interval=cfg.train_steps, log_interval=50)),
+            save_interval=cfg.train_steps, log_interval=50, seed=cfg.seed)),
         ("noisy classifier (for guidance)", "classifier_train.py", "classifier", cfg.classifier_steps, cli_args(
             classifier_flags(cfg), noise_schedule="cosine", diffusion_steps=cfg.diffusion_steps,
             iterations=cfg.classifier_steps, batch_size=cfg.classifier_batch, lr=3e-4, anneal_lr=True,
-            save_interval=cfg.classifier_steps, log_interval=50, eval_interval=50)),
+            save_interval=cfg.classifier_steps, log_interval=50, eval_interval=50, seed=cfg.seed)),
         ("judge classifier (clean images)", "classifier_train.py", "judge", cfg.judge_steps, cli_args(
             classifier_flags(cfg), noised=False, iterations=cfg.judge_steps, batch_size=cfg.classifier_batch,
-            lr=3e-4, anneal_lr=True, save_interval=cfg.judge_steps, log_interval=50, eval_interval=50)),
+            lr=3e-4, anneal_lr=True, save_interval=cfg.judge_steps, log_interval=50, eval_interval=50,
+            seed=cfg.seed + 1)),
     ]
     paths = {}
     for title, script, name, n, args in steps:

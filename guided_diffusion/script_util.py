@@ -106,6 +106,7 @@ TRAIN_FLAGS = FlagGroup(
     Flag("use_fp16", False, "train in float16 with a float32 master copy and dynamic loss scaling"),
     Flag("fp16_scale_growth", 1e-3, "log2 growth of the fp16 loss scale per step"),
     Flag("use_bf16", False, "train under bfloat16 autocast (no loss scale)"),
+    Flag("seed", -1, "seed the run's random number generators (-1: unseeded)"),
 )
 
 CLASSIFIER_TRAIN_FLAGS = FlagGroup(
@@ -124,6 +125,7 @@ CLASSIFIER_TRAIN_FLAGS = FlagGroup(
     Flag("eval_interval", 5, "steps between validation batches"),
     Flag("save_interval", 10000, "steps between checkpoints"),
     Flag("use_bf16", False, "train under bfloat16 autocast"),
+    Flag("seed", -1, "seed the run's random number generators (-1: unseeded)"),
 )
 
 SAMPLE_FLAGS = FlagGroup(

@@ -17,7 +17,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    start_run(args)
+    start_run(args, seed=args.seed)
     logger.log("creating model...")
     model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
     model.to(dist_util.dev())

@@ -77,3 +77,11 @@ def test_too_few_num_classes_for_the_data_fails_clearly(tmp_path, env):
                              "--image_size", "16", "--log_dir", str(tmp_path / "x")], env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode != 0 and "holds 4 classes" in result.stderr and "--num_classes 4" in result.stderr
+
+
+def test_a_seeded_training_run_is_reproducible(tmp_path, env):
+    args = TINY_UNET + ["--image_size", "16", "--attention_resolutions", "8", "--lr_anneal_steps", "2", "--seed", "5"]
+    for name in ("a", "b"):
+        run("image_train.py", args + ["--log_dir", str(tmp_path / name)], env)
+    a, b = (th.load(tmp_path / name / "model000002.pt", weights_only=True) for name in ("a", "b"))
+    assert all(th.equal(a[k], b[k]) for k in a)
