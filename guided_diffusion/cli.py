@@ -70,7 +70,6 @@ def training_data_dir(data_dir, image_size, validation=False):
     return folder
 
 
-
 def labeled_data_dir(data_dir, image_size, num_classes, validation=False):
     """training_data_dir, checked to hold no more classes than the model has outputs."""
     from .image_datasets import class_names

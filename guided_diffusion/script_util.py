@@ -257,11 +257,7 @@ def create_model_and_diffusion(image_size, class_cond, learn_sigma, num_channels
         use_scale_shift_norm=use_scale_shift_norm, dropout=dropout, resblock_updown=resblock_updown,
         use_fp16=use_fp16, use_new_attention_order=use_new_attention_order, num_classes=num_classes,
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
-        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing,
-    )
+    diffusion = _diffusion_from_flags(locals())
     return model, diffusion
 
 
@@ -300,11 +296,7 @@ def create_classifier_and_diffusion(image_size, classifier_use_fp16, classifier_
         image_size, classifier_use_fp16, classifier_width, classifier_depth, classifier_attention_resolutions,
         classifier_use_scale_shift_norm, classifier_resblock_updown, classifier_pool, num_classes=num_classes,
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
-        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing,
-    )
+    diffusion = _diffusion_from_flags(locals())
     return classifier, diffusion
 
 
@@ -355,11 +347,7 @@ def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigm
         use_scale_shift_norm=use_scale_shift_norm, dropout=dropout, resblock_updown=resblock_updown,
         use_fp16=use_fp16, num_classes=num_classes,
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
-        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing,
-    )
+    diffusion = _diffusion_from_flags(locals())
     return model, diffusion
 
 
@@ -387,6 +375,12 @@ def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_
         resblock_updown=resblock_updown,
         use_fp16=use_fp16,
     )
+
+
+def _diffusion_from_flags(flags):
+    """create_gaussian_diffusion from the diffusion flags in a factory's arguments."""
+    kwargs = {f.name: flags[f.name] for f in DIFFUSION_FLAGS if f.name != "diffusion_steps"}
+    return create_gaussian_diffusion(steps=flags["diffusion_steps"], **kwargs)
 
 
 def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=False, noise_schedule="linear",

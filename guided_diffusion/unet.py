@@ -292,8 +292,32 @@ class AttentionPool2d(nn.Module):
 # --------------------------------------------------------------------------- networks
 
 
-class _HalfPrecisionMixin:
-    """convert_to_fp16/fp32 for the body of a network; forward runs in the body's dtype."""
+class _NetworkMixin:
+    """What the UNet and the encoder share: their settings, the timestep MLP, half precision."""
+
+    def _init_common(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
+                     attention_resolutions, dropout, channel_mult, conv_resample, use_checkpoint, use_fp16, num_heads,
+                     num_head_channels, use_scale_shift_norm, resblock_updown, use_new_attention_order):
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = tuple(int(r) for r in attention_resolutions)
+        self.dropout = dropout
+        self.channel_mult = tuple(channel_mult)
+        self.conv_resample = conv_resample
+        self.use_checkpoint = use_checkpoint
+        self.use_fp16 = use_fp16
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.resblock_updown = resblock_updown
+        self.use_new_attention_order = use_new_attention_order
+        self.time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            linear(model_channels, self.time_embed_dim), SiLU(), linear(self.time_embed_dim, self.time_embed_dim),
+        )
 
     def _body(self):
         return [self.input_blocks, self.middle_block] + ([self.output_blocks] if hasattr(self, "output_blocks") else [])
@@ -372,11 +396,7 @@ class _EncoderBuilder:
         return block
 
 
-def _typed_resolutions(attention_resolutions):
-    return tuple(int(r) for r in attention_resolutions)
-
-
-class UNetModel(_HalfPrecisionMixin, nn.Module):
+class UNetModel(_NetworkMixin, nn.Module):
     """The ADM UNet: noise (and variance) prediction from x_t, t and optionally a class.
 
     :param image_size: the input resolution (used by subclasses and the classifier).
@@ -392,29 +412,11 @@ class UNetModel(_HalfPrecisionMixin, nn.Module):
                  use_checkpoint=False, use_fp16=False, num_heads=1, num_head_channels=-1, num_heads_upsample=-1,
                  use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False):
         super().__init__()
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = _typed_resolutions(attention_resolutions)
-        self.dropout = dropout
-        self.channel_mult = tuple(channel_mult)
-        self.conv_resample = conv_resample
         self.num_classes = num_classes
-        self.use_checkpoint = use_checkpoint
-        self.use_fp16 = use_fp16
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
+        self._init_common(image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
+                          dropout, channel_mult, conv_resample, use_checkpoint, use_fp16, num_heads,
+                          num_head_channels, use_scale_shift_norm, resblock_updown, use_new_attention_order)
         self.num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
-        self.use_scale_shift_norm = use_scale_shift_norm
-        self.resblock_updown = resblock_updown
-        self.use_new_attention_order = use_new_attention_order
-        self.time_embed_dim = model_channels * 4
-
-        self.time_embed = nn.Sequential(
-            linear(model_channels, self.time_embed_dim), SiLU(), linear(self.time_embed_dim, self.time_embed_dim),
-        )
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, self.time_embed_dim)
         builder = _EncoderBuilder(self, in_channels, dims, conv_resample)
@@ -483,7 +485,7 @@ class SuperResModel(UNetModel):
         return super().forward(th.cat([x, upsampled], dim=1), timesteps, **kwargs)
 
 
-class EncoderUNetModel(_HalfPrecisionMixin, nn.Module):
+class EncoderUNetModel(_NetworkMixin, nn.Module):
     """The UNet's encoder half with a pooling head: the noisy-image classifier (ADM, Sec. 4).
 
     :param pool: "adaptive" (GroupNorm, SiLU, global average pool, 1x1 conv),
@@ -496,29 +498,11 @@ class EncoderUNetModel(_HalfPrecisionMixin, nn.Module):
                  use_fp16=False, num_heads=1, num_head_channels=-1, num_heads_upsample=-1,
                  use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False, pool="adaptive"):
         super().__init__()
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = _typed_resolutions(attention_resolutions)
-        self.dropout = dropout
-        self.channel_mult = tuple(channel_mult)
-        self.conv_resample = conv_resample
-        self.use_checkpoint = use_checkpoint
-        self.use_fp16 = use_fp16
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
+        self._init_common(image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
+                          dropout, channel_mult, conv_resample, use_checkpoint, use_fp16, num_heads,
+                          num_head_channels, use_scale_shift_norm, resblock_updown, use_new_attention_order)
         self.num_heads_upsample = num_heads_upsample
-        self.use_scale_shift_norm = use_scale_shift_norm
-        self.resblock_updown = resblock_updown
-        self.use_new_attention_order = use_new_attention_order
         self.pool = pool
-        self.time_embed_dim = model_channels * 4
-
-        self.time_embed = nn.Sequential(
-            linear(model_channels, self.time_embed_dim), SiLU(), linear(self.time_embed_dim, self.time_embed_dim),
-        )
         builder = _EncoderBuilder(self, in_channels, dims, conv_resample)
         self.input_blocks = builder.build_input_blocks()
         self.middle_block = builder.build_middle_block()
