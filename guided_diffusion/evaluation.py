@@ -1,4 +1,6 @@
-"""Evaluation: bits/dim of a model on data (image_nll.py) and guidance metrics for the main job."""
+"""Evaluation: bits/dim of a model on data (image_nll.py)."""
+
+import os
 
 import numpy as np
 import torch as th
@@ -46,8 +48,6 @@ def run_bpd_evaluation(model, diffusion, data, num_samples, clip_denoised):
 
 def save_bpd_terms(means, out_dir):
     """{name}_terms.npz per term (arr_0: its mean per timestep, loop order as calc_bpd_loop), on rank 0."""
-    import os
-
     paths = []
     if dist_util.is_main_process():
         for name, value in means.items():

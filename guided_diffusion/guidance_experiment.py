@@ -22,8 +22,9 @@ import torch as th
 
 from . import logger
 from .image_datasets import load_data
+from .sampling import image_grid, load_model, to_uint8_nhwc
 from .script_util import classifier_and_diffusion_defaults
-from .toy_data import TOY_CLASSES
+from .toy_data import TOY_CLASSES, ensure_toy_dataset
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 
@@ -70,12 +71,12 @@ def cli_args(*flag_dicts, **more):
     return [x for k, v in merged.items() for x in (f"--{k}", str(v))]
 
 
-def run_script(name, args, log_dir, env=None):
+def run_script(name, args, log_dir):
     """Run one of the library's scripts as a user would; its output goes to log_dir/stdout.txt."""
     os.makedirs(log_dir, exist_ok=True)
     cmd = [sys.executable, os.path.join(SCRIPTS, name)] + args + ["--log_dir", log_dir]
     with open(os.path.join(log_dir, "stdout.txt"), "w") as out:
-        result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {result.returncode}); see {log_dir}/stdout.txt")
 
@@ -124,8 +125,6 @@ def sample_all(cfg, paths, out_dir, say):
 
 
 def load_judge(cfg, path):
-    from .sampling import load_model
-
     flags = {**classifier_and_diffusion_defaults(), **classifier_flags(cfg)}
     model, _ = load_model("classifier", argparse.Namespace(**flags), path, path_flag="judge")
     return model
@@ -152,12 +151,10 @@ def diversity(images, labels):
 
 def real_reference(cfg, count):
     """Held-out toy images, the same number per class as the samples, for the table's reference row."""
-    from .toy_data import ensure_toy_dataset
-
     data = load_data(data_dir=ensure_toy_dataset(image_size=cfg.image_size, seed=1), batch_size=256,
                      image_size=cfg.image_size, class_cond=True, deterministic=True, random_flip=False)
     batch, cond = next(data)
-    images = ((batch + 1) * 127.5).clamp(0, 255).to(th.uint8).permute(0, 2, 3, 1).numpy()
+    images = to_uint8_nhwc(batch).numpy()
     labels = cond["y"].numpy()
     keep = np.concatenate([np.flatnonzero(labels == c)[:count] for c in range(len(TOY_CLASSES))])
     return images[keep], labels[keep]
@@ -165,8 +162,6 @@ def real_reference(cfg, count):
 
 def class_rows_grid(images, labels, per_row):
     """A grid whose row c holds the first per_row samples of target class c."""
-    from .sampling import image_grid
-
     rows = [images[labels == c][:per_row] for c in range(len(TOY_CLASSES))]
     return image_grid(np.concatenate(rows), nrow=per_row)
 

@@ -97,7 +97,7 @@ class _Loop:
     def _log_throughput(self, global_step):
         """Samples per second since the previous call (all ranks together)."""
         now = time.time()
-        last_time, last_step = getattr(self, "_last_log", (self._start_time, self.resume_step))
+        last_time, last_step = self._last_log
         if global_step > last_step:
             logger.logkv("samples_per_sec", (global_step - last_step) * self.global_batch / max(now - last_time, 1e-9))
         self._last_log = (now, global_step)
@@ -147,7 +147,7 @@ class TrainLoop(_Loop):
         else:
             self.ema_params = [copy.deepcopy(self.mp_trainer.master_params) for _ in self.ema_rate]
         self.ddp_model = self._wrap_ddp()
-        self._start_time = time.time()
+        self._last_log = (time.time(), self.resume_step)  # for samples_per_sec
 
     def _load_ema_parameters(self, rate):
         path = find_ema_checkpoint(self.resume_checkpoint, self.resume_step, rate)
@@ -257,7 +257,7 @@ class ClassifierTrainLoop(_Loop):
         if self.resume_step:
             self._load_optimizer_state()
         self.ddp_model = self._wrap_ddp()
-        self._start_time = time.time()
+        self._last_log = (time.time(), self.resume_step)  # for samples_per_sec
 
     def run_loop(self):
         """Train for `iterations` global steps, saving model and optimizer every save_interval and at the end."""

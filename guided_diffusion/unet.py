@@ -67,11 +67,8 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
         return x
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 convolution.
-
-    For dims=3 only the inner two (spatial) dimensions are upsampled.
-    """
+class _Resample(nn.Module):
+    """The settings Upsample and Downsample share."""
 
     def __init__(self, channels, use_conv, dims=2, out_channels=None):
         super().__init__()
@@ -79,6 +76,16 @@ class Upsample(nn.Module):
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
         self.dims = dims
+
+
+class Upsample(_Resample):
+    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 convolution.
+
+    For dims=3 only the inner two (spatial) dimensions are upsampled.
+    """
+
+    def __init__(self, channels, use_conv, dims=2, out_channels=None):
+        super().__init__(channels, use_conv, dims, out_channels)
         if use_conv:
             self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=1)
 
@@ -91,18 +98,14 @@ class Upsample(nn.Module):
         return self.conv(x) if self.use_conv else x
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     """2x downsampling by a strided 3x3 convolution or by average pooling.
 
     For dims=3 only the inner two (spatial) dimensions are downsampled.
     """
 
     def __init__(self, channels, use_conv, dims=2, out_channels=None):
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
-        self.dims = dims
+        super().__init__(channels, use_conv, dims, out_channels)
         stride = 2 if dims != 3 else (1, 2, 2)
         if use_conv:
             self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=1)

@@ -15,11 +15,10 @@ KINDS = su.MODEL_KINDS
 
 
 def build_on_meta(kind, flags):
-    defaults, factory, fp16_flag = KINDS[kind]
-    args = defaults()
-    args.update(flags)
+    defaults, _, fp16_flag = KINDS[kind]
+    args = {**defaults(), **flags}
     with th.device("meta"):
-        model, _ = factory(**args)
+        model, _ = su.create_from_flags(kind, args)
     if args[fp16_flag]:
         model.convert_to_fp16()
     return model
