@@ -238,34 +238,35 @@ def attention(q, k, v):
     return th.einsum("bts,bcs->bct", weight, v)
 
 
-class QKVAttentionLegacy(nn.Module):
+class _QKVAttentionBase(nn.Module):
+    """Multi-head attention on a (N, 3 * H * ch, T) qkv tensor; subclasses say how it is laid out."""
+
+    def __init__(self, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv):
+        bs, width, length = qkv.shape
+        assert width % (3 * self.n_heads) == 0
+        ch = width // (3 * self.n_heads)
+        q, k, v = self._split(qkv, ch)  # each (N * H, ch, T)
+        return attention(q, k, v).reshape(bs, -1, length)
+
+
+class QKVAttentionLegacy(_QKVAttentionBase):
     """Attention on a qkv tensor laid out per head: (N, H * 3 * ch, T), heads split first."""
 
-    def __init__(self, n_heads):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv):
-        bs, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        return attention(q, k, v).reshape(bs, -1, length)
+    def _split(self, qkv, ch):
+        bs, _, length = qkv.shape
+        return qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
 
 
-class QKVAttention(nn.Module):
+class QKVAttention(_QKVAttentionBase):
     """Attention on a qkv tensor laid out as (N, 3 * H * ch, T): q, k, v split first."""
 
-    def __init__(self, n_heads):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv):
-        bs, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        q, k, v = (part.reshape(bs * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1))
-        return attention(q, k, v).reshape(bs, -1, length)
+    def _split(self, qkv, ch):
+        bs, _, length = qkv.shape
+        return (part.reshape(bs * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1))
 
 
 class AttentionPool2d(nn.Module):
