@@ -4,9 +4,11 @@ On the built-in toy shapes dataset it trains, with the library's own scripts, a
 class-unconditional diffusion model, a noisy classifier for guidance, and a
 separate classifier on clean images (the judge). It then samples with classifier
 guidance at several scales and reports how often the judge recognises each sample
-as its target class, and how diverse the samples of a class are: as in ADM
-(Sec. 4.3, Fig. 3), a larger scale gives more samples of the target class and less
-diversity.
+as its target class, how diverse the samples of a class are, and, as the paper
+measures, FID, precision and recall against held-out real images (in the judge's
+features: Inception's mean little on 16x16 shapes). As in ADM (Sec. 4.3, Fig. 3,
+Table 4), a larger scale gives more samples of the target class, less diversity,
+higher precision and lower recall.
 """
 
 import argparse
@@ -15,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -22,10 +25,12 @@ import torch as th
 
 from . import logger
 from .image_datasets import load_data
+from .metrics import compute_statistics, precision_recall
 from .sampling import image_grid, load_model, to_uint8_nhwc
 from .script_util import classifier_and_diffusion_defaults
 from .toy_data import TOY_CLASSES, ensure_toy_dataset
 
+HELD_OUT_PER_CLASS = 256  # held-out real images per class: the "real" row and the FID/precision/recall reference
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 
 
@@ -42,7 +47,7 @@ class ExperimentConfig:
     classifier_steps: int = 300
     classifier_batch: int = 32
     judge_steps: int = 150
-    samples_per_class: int = 16
+    samples_per_class: int = 32
     scales: tuple = (0.0, 1.0, 4.0, 10.0)
     seed: int = 0
 
@@ -130,11 +135,22 @@ def load_judge(cfg, path):
     return model
 
 
-def judge_predictions(judge, images):
-    """The judge's classes for uint8 NHWC images, read as clean (t = 0)."""
+def judge_outputs(judge, images):
+    """The judge's classes (N,) and features (N, C) of uint8 NHWC images, read as clean (t = 0).
+
+    The features are the judge's penultimate activations: the attention pool's
+    mean token before its projection to class logits, the role pool_3 plays in
+    Inception. FID, precision and recall are measured in them.
+    """
+    captured = []
+    hook = judge.out[-1].attention.register_forward_hook(lambda module, args, out: captured.append(out[:, :, 0].float()))
     x = th.from_numpy(images).float().div(127.5).sub(1).permute(0, 3, 1, 2)
-    with th.no_grad():
-        return judge(x, th.zeros(len(x), dtype=th.long)).argmax(-1).numpy()
+    try:
+        with th.no_grad():
+            logits = judge(x, th.zeros(len(x), dtype=th.long))
+    finally:
+        hook.remove()
+    return logits.argmax(-1).numpy(), captured[0].numpy()
 
 
 def diversity(images, labels):
@@ -149,15 +165,21 @@ def diversity(images, labels):
     return float(np.mean(means))
 
 
-def real_reference(cfg, count):
-    """Held-out toy images, the same number per class as the samples, for the table's reference row."""
-    data = load_data(data_dir=ensure_toy_dataset(image_size=cfg.image_size, seed=1), batch_size=256,
-                     image_size=cfg.image_size, class_cond=True, deterministic=True, random_flip=False)
+def held_out_real(cfg):
+    """The held-out toy images (another seed than training), split in two disjoint parts.
+
+    Returns ((images, labels) of the "real" row: samples_per_class of each class,
+    (images, labels) of the reference set: all the others).
+    """
+    count = HELD_OUT_PER_CLASS * len(TOY_CLASSES)
+    data = load_data(data_dir=ensure_toy_dataset(image_size=cfg.image_size, num_per_class=HELD_OUT_PER_CLASS, seed=1),
+                     batch_size=count, image_size=cfg.image_size, class_cond=True, deterministic=True,
+                     random_flip=False)
     batch, cond = next(data)
-    images = to_uint8_nhwc(batch).numpy()
-    labels = cond["y"].numpy()
-    keep = np.concatenate([np.flatnonzero(labels == c)[:count] for c in range(len(TOY_CLASSES))])
-    return images[keep], labels[keep]
+    images, labels = to_uint8_nhwc(batch).numpy(), cond["y"].numpy()
+    row = np.concatenate([np.flatnonzero(labels == c)[:cfg.samples_per_class] for c in range(len(TOY_CLASSES))])
+    rest = np.setdiff1d(np.arange(count), row)
+    return (images[row], labels[row]), (images[rest], labels[rest])
 
 
 def class_rows_grid(images, labels, per_row):
@@ -166,29 +188,40 @@ def class_rows_grid(images, labels, per_row):
     return image_grid(np.concatenate(rows), nrow=per_row)
 
 
+def table_row(name, judge, images, labels, ref_features, ref_stats):
+    """One row: accuracy of the judge on the target classes, diversity, and FID, precision and recall
+    (Kynkaanniemi et al. 2019, k = 3) in the judge's features against the held-out reference set."""
+    predictions, features = judge_outputs(judge, images)
+    with warnings.catch_warnings():  # fewer samples than feature dimensions: a singular covariance, still finite
+        warnings.simplefilter("ignore")
+        fid = float(compute_statistics(features).frechet_distance(ref_stats))
+    precision, recall = precision_recall(ref_features, features, half=False)
+    return dict(samples=name, accuracy=float((predictions == labels).mean()), diversity=diversity(images, labels),
+                fid=fid, precision=precision, recall=recall)
+
+
 def evaluate(cfg, paths, results, out_dir):
     """Rows of the result table, and one PNG grid per scale (rows = target classes)."""
     from PIL import Image
 
     judge = load_judge(cfg, paths["judge"])
-    rows = []
-    real_images, real_labels = real_reference(cfg, cfg.samples_per_class)
-    rows.append(("real (held out)", judge_accuracy(judge, real_images, real_labels), diversity(real_images, real_labels)))
+    (real_images, real_labels), (ref_images, _) = held_out_real(cfg)
+    ref_features = judge_outputs(judge, ref_images)[1]
+    ref_stats = compute_statistics(ref_features)
+    rows = [table_row("real (held out)", judge, real_images, real_labels, ref_features, ref_stats)]
     for scale, (images, labels) in results.items():
-        rows.append((f"scale {scale:g}", judge_accuracy(judge, images, labels), diversity(images, labels)))
+        rows.append(table_row(f"scale {scale:g}", judge, images, labels, ref_features, ref_stats))
         grid = class_rows_grid(images, labels, min(cfg.samples_per_class, 8))
         Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
             os.path.join(out_dir, f"grid_scale{scale:g}.png"))
     return rows
 
 
-def judge_accuracy(judge, images, labels):
-    return float((judge_predictions(judge, images) == labels).mean())
-
-
 def format_table(rows):
-    lines = [f"{'samples':<18} {'judged as target class':>23} {'diversity (RMS)':>16}"]
-    lines += [f"{name:<18} {acc:>22.1%} {div:>16.3f}" for name, acc, div in rows]
+    lines = [f"{'samples':<18} {'judged as target class':>23} {'diversity (RMS)':>16} {'FID':>7} {'precision':>10} "
+             f"{'recall':>7}"]
+    lines += [f"{r['samples']:<18} {r['accuracy']:>22.1%} {r['diversity']:>16.3f} {r['fid']:>7.2f} "
+              f"{r['precision']:>10.2f} {r['recall']:>7.2f}" for r in rows]
     return "\n".join(lines)
 
 

@@ -181,5 +181,6 @@ def test_main_job_runs_in_its_quick_form(tmp_path):
                              str(tmp_path / "job")], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "judged as target class" in result.stdout and "scale 10" in result.stdout
+    assert all(column in result.stdout for column in ("FID", "precision", "recall"))
     for name in ("grid_scale0.png", "grid_scale10.png", "table.txt", "results.json"):
         assert (tmp_path / "job" / name).exists()
