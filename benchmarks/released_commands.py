@@ -7,6 +7,7 @@ the README's flags unchanged, plus overrides that keep a CPU run short
 
     python benchmarks/released_commands.py                     # 64x64 guided, then 64->256 upsampling
     python benchmarks/released_commands.py --which 128x128 --steps 10
+    python benchmarks/released_commands.py --which 64x64 --sampler dpm++2m --steps 10
 """
 
 import argparse
@@ -78,8 +79,15 @@ def main():
     parser.add_argument("--which", default="64x64,64_256", help=f"comma-separated, of {', '.join(COMMANDS)}")
     parser.add_argument("--steps", default="4", help="--timestep_respacing for the run")
     parser.add_argument("--num_samples", type=int, default=2)
+    parser.add_argument("--sampler", default="", help="--sampler of the run, e.g. dpm++2m (then --steps model "
+                                                      "evaluations instead of a respacing)")
     args = parser.parse_args()
     overrides = dict(num_samples=args.num_samples, batch_size=args.num_samples, timestep_respacing=args.steps, seed=0)
+    if args.sampler.startswith("dpm++"):
+        del overrides["timestep_respacing"]
+        overrides.update(sampler=args.sampler, sampling_steps=int(args.steps))
+    elif args.sampler:
+        overrides["sampler"] = args.sampler
     with tempfile.TemporaryDirectory() as workdir:
         last = None
         for name in args.which.split(","):

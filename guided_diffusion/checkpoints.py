@@ -176,6 +176,8 @@ def _inferred_flags(found, flags):
     classes = found.get("label_emb.weight") or found.get("out.2.c_proj.weight")  # UNet embedding, attention-pool head
     if "num_classes" in flags and classes:
         out["num_classes"] = classes[0]
+        if "p_uncond" in flags and "label_emb.weight" in found:
+            out.update(_null_class_flags(classes[0], flags))
     head = found.get("out.2.weight")
     if "learn_sigma" in flags and head and len(head) >= 3 and head[0] in (3, 6):
         out["learn_sigma"] = head[0] == 6
@@ -184,6 +186,16 @@ def _inferred_flags(found, flags):
         if name in flags and emb and conv:
             out[name] = emb[0] == 2 * conv[0]
     return out
+
+
+def _null_class_flags(rows, flags):
+    """num_classes and p_uncond of a label embedding with `rows` rows: one more than --num_classes is the
+    null class of classifier-free guidance (any p_uncond > 0 builds it; 0.1 stands for them)."""
+    if rows == flags["num_classes"] + 1:
+        return {"num_classes": flags["num_classes"], "p_uncond": flags["p_uncond"] or 0.1}
+    if rows == flags["num_classes"]:
+        return {"p_uncond": 0.0}
+    return {}
 
 
 def atomic_write(path, write):

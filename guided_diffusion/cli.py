@@ -87,6 +87,11 @@ def train_diffusion(args, model, diffusion, data):
     from .resample import create_named_schedule_sampler
     from .train_util import TrainLoop
 
+    if args.p_uncond > 0:
+        from .cfg import label_dropout
+
+        logger.log(f"label dropout for classifier-free guidance: p_uncond {args.p_uncond}, null class {args.num_classes}")
+        data = label_dropout(data, args.p_uncond, null_label=args.num_classes)
     logger.log("training...")
     TrainLoop(
         model=model, diffusion=diffusion, data=data, batch_size=args.batch_size, microbatch=args.microbatch,

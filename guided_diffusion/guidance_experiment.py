@@ -40,7 +40,9 @@ class ExperimentConfig:
     num_channels: int = 32
     num_res_blocks: int = 2
     diffusion_steps: int = 1000
-    sample_steps: str = "50"  # timestep_respacing for sampling
+    sample_steps: str = "50"  # timestep_respacing of the ddpm and ddim samplers
+    sampler: str = "ddpm"  # ddpm, ddim, dpm++2m, dpm++2m_sde, dpm++3m
+    sampling_steps: int = 20  # model evaluations of the dpm++ solvers
     train_steps: int = 700
     train_batch: int = 32
     lr: float = 5e-4
@@ -50,6 +52,12 @@ class ExperimentConfig:
     samples_per_class: int = 32
     scales: tuple = (0.0, 1.0, 4.0, 10.0)
     seed: int = 0
+    mode: str = "classifier"  # "classifier": classifier guidance; "cfg": classifier-free guidance
+    p_uncond: float = 0.2  # label dropout of the cfg mode's class-conditional model
+
+
+CFG_SCALES = (0.0, 1.0, 3.0, 6.0)  # the cfg mode's guidance weights w
+MODES = ("classifier", "cfg")
 
 
 # Tiny sizes that exercise every stage in seconds (the tests run this).
@@ -58,9 +66,17 @@ QUICK = dict(num_channels=32, num_res_blocks=1, diffusion_steps=100, sample_step
 
 
 def model_flags(cfg):
-    return dict(image_size=cfg.image_size, num_channels=cfg.num_channels, num_res_blocks=cfg.num_res_blocks,
-                attention_resolutions="8", learn_sigma=True, noise_schedule="cosine",
-                diffusion_steps=cfg.diffusion_steps)
+    """The diffusion model's flags: class-unconditional, or (cfg mode) class-conditional with label dropout."""
+    flags = dict(image_size=cfg.image_size, num_channels=cfg.num_channels, num_res_blocks=cfg.num_res_blocks,
+                 attention_resolutions="8", learn_sigma=True, noise_schedule="cosine",
+                 diffusion_steps=cfg.diffusion_steps)
+    if cfg.mode == "cfg":
+        flags.update(class_cond=True, num_classes=len(TOY_CLASSES), p_uncond=cfg.p_uncond)
+    return flags
+
+
+def scale_name(cfg, scale):
+    return f"w {scale:g}" if cfg.mode == "cfg" else f"scale {scale:g}"
 
 
 def classifier_flags(cfg):
@@ -87,9 +103,12 @@ def run_script(name, args, log_dir):
 
 
 def train_all(cfg, out_dir, say):
-    """The three trainings; returns the checkpoint paths of the diffusion model, the classifier and the judge."""
+    """The trainings; returns the checkpoint paths of the diffusion model, the noisy classifier (classifier
+    mode only) and the judge."""
+    kind = (f"class-conditional, labels dropped with p = {cfg.p_uncond:g}" if cfg.mode == "cfg"
+            else "class-unconditional")
     steps = [
-        ("diffusion model (class-unconditional)", "image_train.py", "diffusion", cfg.train_steps, cli_args(
+        (f"diffusion model ({kind})", "image_train.py", "diffusion", cfg.train_steps, cli_args(
             model_flags(cfg), batch_size=cfg.train_batch, lr=cfg.lr, lr_anneal_steps=cfg.train_steps,
             save_interval=cfg.train_steps, log_interval=50, seed=cfg.seed)),
         ("noisy classifier (for guidance)", "classifier_train.py", "classifier", cfg.classifier_steps, cli_args(
@@ -101,6 +120,8 @@ def train_all(cfg, out_dir, say):
             lr=3e-4, anneal_lr=True, save_interval=cfg.judge_steps, log_interval=50, eval_interval=50,
             seed=cfg.seed + 1)),
     ]
+    if cfg.mode == "cfg":
+        steps = [step for step in steps if step[2] != "classifier"]
     paths = {}
     for title, script, name, n, args in steps:
         start = time.time()
@@ -112,20 +133,33 @@ def train_all(cfg, out_dir, say):
     return paths
 
 
+def sampler_flags(cfg):
+    """The sampling scripts' flags for the configured sampler."""
+    if cfg.sampler in ("ddpm", "ddim"):
+        return dict(sampler=cfg.sampler, timestep_respacing=cfg.sample_steps)
+    return dict(sampler=cfg.sampler, sampling_steps=cfg.sampling_steps)
+
+
 def sample_all(cfg, paths, out_dir, say):
     """Guided samples at every scale; returns {scale: (images uint8 NHWC, target labels)}."""
     results = {}
     num = cfg.samples_per_class * len(TOY_CLASSES)
     for scale in cfg.scales:
         start = time.time()
-        log_dir = os.path.join(out_dir, f"samples_scale{scale:g}")
-        run_script("classifier_sample.py", cli_args(
-            model_flags(cfg), classifier_flags(cfg), model_path=paths["diffusion"],
-            classifier_path=paths["classifier"], classifier_scale=scale, num_samples=num, batch_size=num,
-            balanced_classes=True, timestep_respacing=cfg.sample_steps, seed=cfg.seed), log_dir)
+        log_dir = os.path.join(out_dir, f"samples_{scale_name(cfg, scale).replace(' ', '')}")
+        common = dict(model_path=paths["diffusion"], num_samples=num, batch_size=num, balanced_classes=True,
+                      seed=cfg.seed, **sampler_flags(cfg))
+        if cfg.mode == "cfg":
+            run_script("image_sample.py", cli_args(model_flags(cfg), cfg_scale=scale, **common), log_dir)
+        else:
+            run_script("classifier_sample.py", cli_args(model_flags(cfg), classifier_flags(cfg),
+                                                        classifier_path=paths["classifier"], classifier_scale=scale,
+                                                        **common), log_dir)
         with np.load(os.path.join(log_dir, f"samples_{num}x{cfg.image_size}x{cfg.image_size}x3.npz")) as f:
             results[scale] = (f["arr_0"], f["arr_1"])
-        say(f"sampled {num} images at classifier scale {scale:g} in {time.time() - start:.0f} s")
+        guidance = f"classifier-free guidance {scale_name(cfg, scale)}" if cfg.mode == "cfg" else \
+            f"classifier scale {scale:g}"
+        say(f"sampled {num} images at {guidance} with {cfg.sampler} in {time.time() - start:.0f} s")
     return results
 
 
@@ -210,10 +244,10 @@ def evaluate(cfg, paths, results, out_dir):
     ref_stats = compute_statistics(ref_features)
     rows = [table_row("real (held out)", judge, real_images, real_labels, ref_features, ref_stats)]
     for scale, (images, labels) in results.items():
-        rows.append(table_row(f"scale {scale:g}", judge, images, labels, ref_features, ref_stats))
+        rows.append(table_row(scale_name(cfg, scale), judge, images, labels, ref_features, ref_stats))
         grid = class_rows_grid(images, labels, min(cfg.samples_per_class, 8))
         Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
-            os.path.join(out_dir, f"grid_scale{scale:g}.png"))
+            os.path.join(out_dir, f"grid_{scale_name(cfg, scale).replace(' ', '')}.png"))
     return rows
 
 
@@ -229,7 +263,8 @@ def run_experiment(cfg, out_dir, say=print):
     """Train, sample at every scale, evaluate; writes grids, results.json and table.txt into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
-    say(f"main job: classifier guidance on the toy shapes ({', '.join(TOY_CLASSES)}) at "
+    guidance = "classifier-free guidance" if cfg.mode == "cfg" else "classifier guidance"
+    say(f"main job: {guidance} on the toy shapes ({', '.join(TOY_CLASSES)}) at "
         f"{cfg.image_size}x{cfg.image_size}; outputs in {out_dir}")
     paths = train_all(cfg, out_dir, say)
     results = sample_all(cfg, paths, out_dir, say)
@@ -242,12 +277,18 @@ def run_experiment(cfg, out_dir, say=print):
         json.dump({"config": asdict(cfg), "rows": rows, "seconds": time.time() - start}, f, indent=1)
     say(table)
     say(f"done in {time.time() - start:.0f} s; grids (rows = target classes "
-        f"{', '.join(TOY_CLASSES)}): {out_dir}/grid_scale*.png")
+        f"{', '.join(TOY_CLASSES)}): {out_dir}/grid_{'w' if cfg.mode == 'cfg' else 'scale'}*.png")
     return rows
 
 
 def config_from_flags(quick=False, **overrides):
+    """The configuration: defaults, then the quick sizes, then the given values (None: keep)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("mode", "classifier") not in MODES:
+        raise ValueError(f"--mode {overrides['mode']!r}: use one of {', '.join(MODES)}")
     cfg = ExperimentConfig()
+    if overrides.get("mode") == "cfg":
+        cfg = replace(cfg, scales=CFG_SCALES)
     if quick:
-        cfg = replace(cfg, **QUICK)
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        cfg = replace(cfg, **{**QUICK, "scales": (0.0, 3.0) if overrides.get("mode") == "cfg" else QUICK["scales"]})
+    return replace(cfg, **overrides)

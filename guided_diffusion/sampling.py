@@ -15,7 +15,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import dist_util, logger
+from .cfg import guided_model, has_null_class
 from .checkpoints import atomic_write, load_model_state
+from .dpm_solver import SOLVERS, dpm_solver_sample_loop, dynamic_threshold
 from .script_util import MODEL_KINDS, args_to_dict, create_from_flags
 
 # --------------------------------------------------------------------------- models
@@ -47,6 +49,19 @@ def class_conditional_model(model, class_cond):
     return model_fn
 
 
+def model_fn_from_flags(model, args):
+    """The model as the samplers call it (see class_conditional_model), mixed by classifier-free
+    guidance when --cfg_scale is set."""
+    model_fn = class_conditional_model(model, args.class_cond)
+    if not args.cfg_scale:
+        return model_fn
+    if not args.class_cond or not has_null_class(model, args.num_classes):
+        raise ValueError(f"--cfg_scale {args.cfg_scale} needs a class-conditional model trained with label dropout, "
+                         "which has a null class: train it with --class_cond True --p_uncond 0.1 and sample it with "
+                         "the same --p_uncond")
+    return guided_model(model_fn, args.cfg_scale, null_label=args.num_classes)
+
+
 def classifier_cond_fn(classifier, scale):
     """cond_fn(x_t, t, y) = scale * grad_x log p_phi(y | x_t) (ADM, Alg. 1 and 2)."""
 
@@ -60,6 +75,69 @@ def classifier_cond_fn(classifier, scale):
             return th.autograd.grad(selected.sum(), x_in)[0] * scale
 
     return cond_fn
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+SAMPLERS = ("ddpm", "ddim") + tuple(SOLVERS)
+DEFAULT_SOLVER_STEPS = 20
+
+
+def resolve_sampler(args):
+    """Check the sampler flags and settle them in args before the diffusion is built.
+
+    args.sampler becomes a name from SAMPLERS ('' keeps the original's meaning of
+    --use_ddim). For ddpm and ddim, --sampling_steps N means --timestep_respacing N;
+    for the solvers it defaults to 20 evaluations.
+    """
+    sampler = args.sampler or ("ddim" if args.use_ddim else "ddpm")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {args.sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if args.use_ddim and sampler != "ddim":
+        raise ValueError(f"--use_ddim True contradicts --sampler {sampler}; drop one of them")
+    if args.sampling_steps < 0:
+        raise ValueError(f"--sampling_steps must be positive (or 0 for the default), got {args.sampling_steps}")
+    if sampler in ("ddpm", "ddim") and args.sampling_steps:
+        if args.timestep_respacing:
+            raise ValueError(f"--sampling_steps {args.sampling_steps} and --timestep_respacing "
+                             f"{args.timestep_respacing!r} both set the steps of {sampler}; give one of them")
+        args.timestep_respacing = str(args.sampling_steps)
+    if sampler in SOLVERS:
+        args.sampling_steps = args.sampling_steps or DEFAULT_SOLVER_STEPS
+    args.sampler = sampler
+    return args
+
+
+def sample_loop(diffusion, sampler="ddpm", steps=DEFAULT_SOLVER_STEPS, step_schedule="time",
+                dynamic_threshold_percentile=0.0):
+    """The sampling loop of `sampler`, with p_sample_loop's signature (model, shape, clip_denoised=...,
+    model_kwargs=..., cond_fn=..., device=..., generator=...)."""
+    if sampler == "ddpm":
+        return diffusion.p_sample_loop
+    if sampler == "ddim":
+        return diffusion.ddim_sample_loop
+    order, sde = SOLVERS[sampler]
+    threshold = dynamic_threshold(dynamic_threshold_percentile) if dynamic_threshold_percentile else None
+
+    def loop(model, shape, clip_denoised=True, **kwargs):
+        return dpm_solver_sample_loop(diffusion, model, shape, steps=steps, order=order, sde=sde, schedule=step_schedule,
+                                      clip_denoised=clip_denoised and threshold is None, denoised_fn=threshold,
+                                      **kwargs)
+
+    return loop
+
+
+def sample_loop_from_flags(diffusion, args):
+    """sample_loop for the resolved flags of a sampling script (see resolve_sampler)."""
+    return sample_loop(diffusion, args.sampler, args.sampling_steps, args.step_schedule, args.dynamic_threshold)
+
+
+def sampler_description(args):
+    if args.sampler in SOLVERS:
+        return f"{args.sampler}, {args.sampling_steps} model evaluations ({args.step_schedule} steps)"
+    steps = args.timestep_respacing or "all"
+    return f"{args.sampler}, timesteps {steps}"
 
 
 # --------------------------------------------------------------------------- randomness
@@ -107,15 +185,17 @@ def rank_batches(num_samples, batch_size, rank, world):
 
 
 def generate(diffusion, model_fn, *, num_samples, batch_size, image_shape, kwargs_for, cond_fn=None,
-             use_ddim=False, clip_denoised=True, seed=-1, progress=True):
+             use_ddim=False, clip_denoised=True, seed=-1, progress=True, sample_fn=None):
     """Sample num_samples images over all ranks; rank 0 returns (images uint8 NHWC, labels or None).
 
     :param image_shape: (C, H, W) of one sample.
     :param kwargs_for: kwargs_for(indices) -> model_kwargs of that batch of global sample indices
         (tensors on the device); its "y" entry, if any, is returned as the labels.
+    :param sample_fn: the sampling loop (p_sample_loop's signature, see sample_loop); default:
+        DDIM with use_ddim, else DDPM.
     """
     device, rank, world = dist_util.dev(), dist_util.get_rank(), dist_util.get_world_size()
-    sample_fn = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    sample_fn = sample_fn or (diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop)
     images, labels = [], []
     bar = _progress_bar(num_samples) if progress and rank == 0 else None
     for indices in rank_batches(num_samples, batch_size, rank, world):

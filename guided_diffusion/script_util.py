@@ -61,6 +61,9 @@ _MODEL_FLAGS = (
     Flag("dropout", 0.0, "dropout in the residual blocks"),
     Flag("class_cond", False, "class-conditional model (label embedding)"),
     Flag("num_classes", NUM_CLASSES, "number of classes of a class-conditional model or classifier (beyond the original)"),
+    Flag("p_uncond", 0.0, "classifier-free guidance: training replaces each label by a null class with this "
+                          "probability; > 0 gives the model the null class (label num_classes), so sample such a "
+                          "model with the same value (any > 0); 0: the original's layout"),
     Flag("use_checkpoint", False, "gradient checkpointing: recompute activations in backward to save memory"),
     Flag("use_scale_shift_norm", True, "AdaGN: the timestep embedding scales and shifts the GroupNorm"),
     Flag("resblock_updown", False, "BigGAN-style residual blocks for up/downsampling"),
@@ -133,6 +136,16 @@ SAMPLE_FLAGS = FlagGroup(
     Flag("num_samples", 10000, "number of images to generate (over all processes)"),
     Flag("batch_size", 16, "images per batch on each process"),
     Flag("use_ddim", False, "sample with DDIM (use with --timestep_respacing ddimN) instead of DDPM"),
+    Flag("sampler", "", "ddpm, ddim, dpm++2m (DPM-Solver++ 2M, the fast one), dpm++3m or dpm++2m_sde "
+                        "('' : ddim with --use_ddim True, else ddpm, as the original)"),
+    Flag("sampling_steps", 0, "model evaluations per sample: for ddpm/ddim the same as --timestep_respacing N; "
+                              "for the dpm++ solvers taken from the diffusion's timesteps (0: 20)"),
+    Flag("step_schedule", "time", "dpm++ solvers: space the steps uniformly in time (time) or in log-SNR (logsnr)"),
+    Flag("dynamic_threshold", 0.0, "dpm++ solvers: clip x_0 per sample at this percentile of abs(x_0) and rescale "
+                                   "(Imagen's dynamic thresholding, e.g. 0.995) instead of clipping to [-1, 1]; 0: off"),
+    Flag("cfg_scale", 0.0, "classifier-free guidance weight w: eps = (1 + w) eps(x, y) - w eps(x, null) "
+                           "(Ho & Salimans 2022; other libraries' guidance scale s is 1 + w); needs a model trained "
+                           "with --p_uncond > 0; 0: off"),
     Flag("model_path", "", "the diffusion model checkpoint"),
     Flag("seed", -1, "seed of per-sample random generators: the same images for any batch size or number of "
                      "processes (-1: unseeded, torch's global RNG as in the original)"),
@@ -249,13 +262,15 @@ def create_model_and_diffusion(image_size, class_cond, learn_sigma, num_channels
                                num_heads, num_head_channels, num_heads_upsample, attention_resolutions, dropout,
                                diffusion_steps, noise_schedule, timestep_respacing, use_kl, predict_xstart,
                                rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
-                               resblock_updown, use_fp16, use_new_attention_order, num_classes=NUM_CLASSES):
+                               resblock_updown, use_fp16, use_new_attention_order, num_classes=NUM_CLASSES,
+                               p_uncond=0.0):
     model = create_model(
         image_size, num_channels, num_res_blocks, channel_mult=channel_mult, learn_sigma=learn_sigma,
         class_cond=class_cond, use_checkpoint=use_checkpoint, attention_resolutions=attention_resolutions,
         num_heads=num_heads, num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm, dropout=dropout, resblock_updown=resblock_updown,
         use_fp16=use_fp16, use_new_attention_order=use_new_attention_order, num_classes=num_classes,
+        p_uncond=p_uncond,
     )
     diffusion = _diffusion_from_flags(locals())
     return model, diffusion
@@ -264,8 +279,11 @@ def create_model_and_diffusion(image_size, class_cond, learn_sigma, num_channels
 def create_model(image_size, num_channels, num_res_blocks, channel_mult="", learn_sigma=False, class_cond=False,
                  use_checkpoint=False, attention_resolutions="16", num_heads=1, num_head_channels=-1,
                  num_heads_upsample=-1, use_scale_shift_norm=False, dropout=0, resblock_updown=False,
-                 use_fp16=False, use_new_attention_order=False, num_classes=NUM_CLASSES):
-    """A UNetModel from flags (the defaults of this signature are the original's)."""
+                 use_fp16=False, use_new_attention_order=False, num_classes=NUM_CLASSES, p_uncond=0.0):
+    """A UNetModel from flags (the defaults of this signature are the original's).
+
+    p_uncond > 0 (classifier-free guidance) adds the null class: num_classes + 1 label embeddings.
+    """
     return UNetModel(
         image_size=image_size,
         in_channels=3,
@@ -275,7 +293,7 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
         attention_resolutions=parse_attention_resolutions(attention_resolutions, image_size),
         dropout=dropout,
         channel_mult=parse_channel_mult(channel_mult, image_size),
-        num_classes=(num_classes if class_cond else None),
+        num_classes=label_embeddings(class_cond, num_classes, p_uncond),
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
         num_heads=num_heads,
@@ -285,6 +303,17 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
     )
+
+
+def label_embeddings(class_cond, num_classes, p_uncond=0.0):
+    """Rows of a UNet's label embedding: None unconditional, num_classes (+ 1 null class when p_uncond > 0)."""
+    if not 0 <= p_uncond < 1:
+        raise ValueError(f"--p_uncond {p_uncond} is not a probability in [0, 1)")
+    if not class_cond:
+        if p_uncond > 0:
+            raise ValueError(f"--p_uncond {p_uncond} drops labels of a class-conditional model: add --class_cond True")
+        return None
+    return num_classes + 1 if p_uncond > 0 else num_classes
 
 
 def create_classifier_and_diffusion(image_size, classifier_use_fp16, classifier_width, classifier_depth,
@@ -339,13 +368,13 @@ def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigm
                                   num_heads, num_head_channels, num_heads_upsample, attention_resolutions, dropout,
                                   diffusion_steps, noise_schedule, timestep_respacing, use_kl, predict_xstart,
                                   rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
-                                  resblock_updown, use_fp16, num_classes=NUM_CLASSES):
+                                  resblock_updown, use_fp16, num_classes=NUM_CLASSES, p_uncond=0.0):
     model = sr_create_model(
         large_size, small_size, num_channels, num_res_blocks, learn_sigma=learn_sigma, class_cond=class_cond,
         use_checkpoint=use_checkpoint, attention_resolutions=attention_resolutions, num_heads=num_heads,
         num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
         use_scale_shift_norm=use_scale_shift_norm, dropout=dropout, resblock_updown=resblock_updown,
-        use_fp16=use_fp16, num_classes=num_classes,
+        use_fp16=use_fp16, num_classes=num_classes, p_uncond=p_uncond,
     )
     diffusion = _diffusion_from_flags(locals())
     return model, diffusion
@@ -353,7 +382,7 @@ def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigm
 
 def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint,
                     attention_resolutions, num_heads, num_head_channels, num_heads_upsample, use_scale_shift_norm,
-                    dropout, resblock_updown, use_fp16, num_classes=NUM_CLASSES):
+                    dropout, resblock_updown, use_fp16, num_classes=NUM_CLASSES, p_uncond=0.0):
     """A SuperResModel producing large_size images from small_size ones."""
     if small_size >= large_size:
         raise ValueError(f"small_size ({small_size}) must be smaller than large_size ({large_size})")
@@ -366,7 +395,7 @@ def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_
         attention_resolutions=parse_attention_resolutions(attention_resolutions, large_size),
         dropout=dropout,
         channel_mult=parse_channel_mult("", large_size, table=SR_CHANNEL_MULT),
-        num_classes=(num_classes if class_cond else None),
+        num_classes=label_embeddings(class_cond, num_classes, p_uncond),
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,
         num_head_channels=num_head_channels,

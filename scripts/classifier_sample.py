@@ -2,13 +2,14 @@
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli import finish_sampling, parse_flags, start_run
-from guided_diffusion.sampling import class_conditional_model, classifier_cond_fn, draw_labels, generate, load_model
+from guided_diffusion.sampling import (classifier_cond_fn, draw_labels, generate, load_model, model_fn_from_flags,
+                                       resolve_sampler, sample_loop_from_flags, sampler_description)
 from guided_diffusion.script_util import GUIDANCE_FLAGS, SAMPLE_FLAGS, classifier_defaults, model_and_diffusion_defaults
 
 
 def parse_args(argv=None):
-    return parse_flags(__doc__, SAMPLE_FLAGS, GUIDANCE_FLAGS, model_and_diffusion_defaults(), classifier_defaults(),
-                       argv=argv)
+    return resolve_sampler(parse_flags(__doc__, SAMPLE_FLAGS, GUIDANCE_FLAGS, model_and_diffusion_defaults(),
+                                       classifier_defaults(), argv=argv))
 
 
 def main():
@@ -21,13 +22,13 @@ def main():
     def kwargs_for(indices):
         return {"y": draw_labels(indices, args.seed, args.num_classes, device, balanced=args.balanced_classes)}
 
-    logger.log(f"sampling with classifier scale {args.classifier_scale}...")
+    logger.log(f"sampling with classifier scale {args.classifier_scale} ({sampler_description(args)})...")
     images, labels = generate(
-        diffusion, class_conditional_model(model, args.class_cond), num_samples=args.num_samples,
+        diffusion, model_fn_from_flags(model, args), num_samples=args.num_samples,
         batch_size=args.batch_size, image_shape=(3, args.image_size, args.image_size), kwargs_for=kwargs_for,
         # A zero scale adds nothing: skip the classifier's forward and backward passes altogether.
         cond_fn=classifier_cond_fn(classifier, args.classifier_scale) if args.classifier_scale else None,
-        use_ddim=args.use_ddim, clip_denoised=args.clip_denoised, seed=args.seed,
+        sample_fn=sample_loop_from_flags(diffusion, args), clip_denoised=args.clip_denoised, seed=args.seed,
     )
     finish_sampling(images, labels)
 

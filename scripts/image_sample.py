@@ -2,12 +2,13 @@
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli import finish_sampling, parse_flags, start_run
-from guided_diffusion.sampling import class_conditional_model, draw_labels, generate, load_model
+from guided_diffusion.sampling import (draw_labels, generate, load_model, model_fn_from_flags, resolve_sampler,
+                                       sample_loop_from_flags, sampler_description)
 from guided_diffusion.script_util import SAMPLE_FLAGS, model_and_diffusion_defaults
 
 
 def parse_args(argv=None):
-    return parse_flags(__doc__, SAMPLE_FLAGS, model_and_diffusion_defaults(), argv=argv)
+    return resolve_sampler(parse_flags(__doc__, SAMPLE_FLAGS, model_and_diffusion_defaults(), argv=argv))
 
 
 def main():
@@ -21,11 +22,11 @@ def main():
         return {"y": draw_labels(indices, args.seed, args.num_classes, dist_util.dev(),
                                  balanced=args.balanced_classes)}
 
-    logger.log("sampling...")
+    logger.log(f"sampling ({sampler_description(args)})...")
     images, labels = generate(
-        diffusion, class_conditional_model(model, args.class_cond), num_samples=args.num_samples,
+        diffusion, model_fn_from_flags(model, args), num_samples=args.num_samples,
         batch_size=args.batch_size, image_shape=(3, args.image_size, args.image_size), kwargs_for=kwargs_for,
-        use_ddim=args.use_ddim, clip_denoised=args.clip_denoised, seed=args.seed,
+        sample_fn=sample_loop_from_flags(diffusion, args), clip_denoised=args.clip_denoised, seed=args.seed,
     )
     finish_sampling(images, labels if args.class_cond else None)
 

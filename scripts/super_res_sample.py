@@ -2,13 +2,15 @@
 
 from guided_diffusion import dist_util, logger
 from guided_diffusion.cli import finish_sampling, parse_flags, start_run
-from guided_diffusion.sampling import class_conditional_model, generate, load_model
+from guided_diffusion.sampling import (generate, load_model, model_fn_from_flags, resolve_sampler,
+                                       sample_loop_from_flags, sampler_description)
 from guided_diffusion.script_util import SAMPLE_FLAGS, SUPER_RES_SAMPLE_FLAGS, sr_model_and_diffusion_defaults
 from guided_diffusion.super_res import BaseSamples
 
 
 def parse_args(argv=None):
-    return parse_flags(__doc__, SAMPLE_FLAGS, SUPER_RES_SAMPLE_FLAGS, sr_model_and_diffusion_defaults(), argv=argv)
+    return resolve_sampler(parse_flags(__doc__, SAMPLE_FLAGS, SUPER_RES_SAMPLE_FLAGS, sr_model_and_diffusion_defaults(),
+                                       argv=argv))
 
 
 def main():
@@ -17,12 +19,12 @@ def main():
     model, diffusion = load_model("super_res", args, args.model_path)
     base = BaseSamples(args.base_samples, args.small_size, args.class_cond)
     device = dist_util.dev()
-    logger.log(f"upsampling {args.num_samples} samples from {args.base_samples}...")
+    logger.log(f"upsampling {args.num_samples} samples from {args.base_samples} ({sampler_description(args)})...")
     images, labels = generate(
-        diffusion, class_conditional_model(model, args.class_cond), num_samples=args.num_samples,
+        diffusion, model_fn_from_flags(model, args), num_samples=args.num_samples,
         batch_size=args.batch_size, image_shape=(3, args.large_size, args.large_size),
         kwargs_for=lambda indices: base.model_kwargs(indices, device),
-        use_ddim=args.use_ddim, clip_denoised=args.clip_denoised, seed=args.seed,
+        sample_fn=sample_loop_from_flags(diffusion, args), clip_denoised=args.clip_denoised, seed=args.seed,
     )
     finish_sampling(images, labels if args.class_cond else None)
 

@@ -51,3 +51,10 @@ def test_readme_ddim_flags_parse():
     args = script_module("classifier_sample.py").parse_args(
         ["--timestep_respacing", "ddim25", "--use_ddim", "True", "--classifier_depth", "4"])
     assert args.use_ddim is True and args.classifier_depth == 4 and args.timestep_respacing == "ddim25"
+
+
+def test_readme_fast_sampler_flags_parse():
+    args = script_module("classifier_sample.py").parse_args(
+        ["--sampler", "dpm++2m", "--sampling_steps", "15", "--classifier_depth", "4"])
+    assert (args.sampler, args.sampling_steps, args.timestep_respacing) == ("dpm++2m", 15, "")
+    assert script_module("image_sample.py").parse_args(["--use_ddim", "True"]).sampler == "ddim"

@@ -131,6 +131,52 @@ def test_super_res_sample_consumes_image_sample_output(models, tmp_path):
     assert wrong.returncode != 0 and "--small_size 4" in wrong.stderr
 
 
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++2m_sde", "dpm++3m"])
+def test_scripts_run_with_the_fast_samplers(models, tmp_path, sampler):
+    # Guided (learned variances, class-conditional) and unguided; seeded runs repeat exactly at another batch size
+    flags = {**COND, **CLASSIFIER}
+    common = dict(model_path=models["cond"], classifier_path=models["classifier"], classifier_scale=2.0,
+                  num_samples=3, sampler=sampler, sampling_steps=4, seed=5)
+    result = run("classifier_sample.py", args(flags, batch_size=3, **common), tmp_path / "a")
+    assert f"{sampler}, 4 model evaluations" in result.stdout
+    run("classifier_sample.py", args(flags, batch_size=2, **common), tmp_path / "b")
+    a, b = load_npz(tmp_path / "a", 3), load_npz(tmp_path / "b", 3)
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and a["arr_0"].std() > 5
+    run("image_sample.py", args(UNCOND, model_path=models["uncond"], num_samples=2, batch_size=2, sampler=sampler,
+                                sampling_steps=3, step_schedule="time", dynamic_threshold=0.99), tmp_path / "c")
+    assert load_npz(tmp_path / "c", 2)["arr_0"].shape == (2, 16, 16, 3)
+
+
+def test_fast_sampler_with_guidance_in_fp16(models, tmp_path):
+    flags = {**COND, **CLASSIFIER, "use_fp16": True, "classifier_use_fp16": True}
+    run("classifier_sample.py", args(flags, model_path=models["cond"], classifier_path=models["classifier"],
+                                     classifier_scale=2.0, num_samples=2, batch_size=2, sampler="dpm++2m_sde",
+                                     sampling_steps=3, seed=1), tmp_path)
+    out = load_npz(tmp_path, 2)
+    assert out["arr_0"].std() > 5 and out["arr_1"].shape == (2,)
+
+
+def test_super_res_sample_with_a_fast_sampler(models, tmp_path):
+    base = tmp_path / "base.npz"
+    rng = np.random.default_rng(0)
+    np.savez(base, rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8), np.array([0, 2]))
+    run("super_res_sample.py", args(SUPER_RES, model_path=models["super_res"], base_samples=base, num_samples=2,
+                                    batch_size=2, sampler="dpm++2m", sampling_steps=3), tmp_path / "sr")
+    assert load_npz(tmp_path / "sr", 2)["arr_1"].tolist() == [0, 2]
+
+
+def test_sampler_flag_selects_the_originals_samplers(models, tmp_path):
+    common = dict(model_path=models["cond"], num_samples=2, batch_size=2, seed=4)
+    run("image_sample.py", args(COND, use_ddim=True, timestep_respacing="ddim10", **common), tmp_path / "orig")
+    run("image_sample.py", args(COND, sampler="ddim", sampling_steps=10, **common), tmp_path / "new")
+    # "10" and "ddim10" keep different timesteps, so compare against the same respacing given both ways
+    run("image_sample.py", args(COND, sampler="ddim", timestep_respacing="ddim10", **common), tmp_path / "named")
+    assert np.array_equal(load_npz(tmp_path / "orig", 2)["arr_0"], load_npz(tmp_path / "named", 2)["arr_0"])
+    assert load_npz(tmp_path / "new", 2)["arr_0"].shape == (2, 16, 16, 3)
+    clash = run("image_sample.py", args(COND, sampler="ddpm", use_ddim=True, **common), tmp_path / "bad", check=False)
+    assert clash.returncode != 0 and "--use_ddim True contradicts --sampler ddpm" in clash.stderr
+
+
 def test_image_nll_gives_finite_bits_per_dim_close_to_calc_bpd_loop(models, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -183,4 +229,15 @@ def test_main_job_runs_in_its_quick_form(tmp_path):
     assert "judged as target class" in result.stdout and "scale 10" in result.stdout
     assert all(column in result.stdout for column in ("FID", "precision", "recall"))
     for name in ("grid_scale0.png", "grid_scale10.png", "table.txt", "results.json"):
+        assert (tmp_path / "job" / name).exists()
+
+
+def test_main_job_cfg_mode_runs_in_its_quick_form(tmp_path):
+    env = {**os.environ, "GUIDED_DIFFUSION_DATA": str(tmp_path / "data_cache"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "toy_guidance.py"), "--quick", "--mode", "cfg",
+                             "--out_dir", str(tmp_path / "job")], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "classifier-free guidance" in result.stdout and "w 3" in result.stdout and "FID" in result.stdout
+    assert not (tmp_path / "job" / "classifier").exists()  # no noisy classifier in this mode
+    for name in ("grid_w0.png", "grid_w3.png", "table.txt", "results.json"):
         assert (tmp_path / "job" / name).exists()

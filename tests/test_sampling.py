@@ -7,13 +7,17 @@ from PIL import Image
 
 from guided_diffusion import script_util as su
 from guided_diffusion.evaluation import run_bpd_evaluation
+import argparse
+
 from guided_diffusion.sampling import (
     classifier_cond_fn,
     draw_labels,
     generate,
     image_grid,
     rank_batches,
+    resolve_sampler,
     sample_generators,
+    sample_loop,
     save_samples,
 )
 
@@ -85,6 +89,44 @@ def test_generate_is_independent_of_the_batch_size():
                      kwargs_for=kwargs_for, seed=1, progress=False) for b in (2, 5)]
     assert runs[0][0].shape == (5, 4, 4, 3) and runs[0][0].dtype == np.uint8
     assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++2m_sde", "dpm++3m"])
+def test_fast_samplers_are_independent_of_the_batch_size(sampler):
+    diffusion = su.create_gaussian_diffusion(steps=50, noise_schedule="cosine")
+    kwargs_for = lambda indices: {"y": draw_labels(indices, 1, 2, "cpu")}
+    cond_fn = classifier_cond_fn(BrightnessClassifier(), 2.0)
+    runs = [generate(diffusion, smooth_model, num_samples=5, batch_size=b, image_shape=(3, 4, 4), cond_fn=cond_fn,
+                     kwargs_for=kwargs_for, seed=seed, progress=False, sample_fn=sample_loop(diffusion, sampler, 6))
+            for b, seed in ((2, 1), (5, 1), (5, 2))]
+    assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
+    assert not np.array_equal(runs[0][0], runs[2][0])  # another seed, other images
+
+
+def _sampler_flags(**kw):
+    return argparse.Namespace(**{**dict(sampler="", use_ddim=False, sampling_steps=0, timestep_respacing=""), **kw})
+
+
+def test_resolve_sampler_keeps_the_originals_meaning():
+    assert resolve_sampler(_sampler_flags()).sampler == "ddpm"
+    assert resolve_sampler(_sampler_flags(use_ddim=True, timestep_respacing="ddim25")).sampler == "ddim"
+    steps = resolve_sampler(_sampler_flags(sampler="ddim", sampling_steps=25))
+    assert steps.timestep_respacing == "25"
+    assert resolve_sampler(_sampler_flags(sampler="dpm++2m")).sampling_steps == 20
+    diffusion = su.create_gaussian_diffusion(steps=100)
+    assert sample_loop(diffusion, "ddpm") == diffusion.p_sample_loop
+    assert sample_loop(diffusion, "ddim") == diffusion.ddim_sample_loop
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(sampler="euler"), "'euler' is not one of ddpm, ddim"),
+    (dict(sampler="dpm++2m", use_ddim=True), "--use_ddim True contradicts"),
+    (dict(sampler="ddpm", sampling_steps=10, timestep_respacing="250"), "give one of them"),
+    (dict(sampling_steps=-1), "must be positive"),
+])
+def test_resolve_sampler_rejects_contradictions(flags, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_sampler(_sampler_flags(**flags))
 
 
 def test_save_samples_writes_npz_and_grid(tmp_path):

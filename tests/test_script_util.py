@@ -18,6 +18,7 @@ def test_defaults_are_the_originals():
     assert model == dict(
         image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1, num_head_channels=-1,
         attention_resolutions="16,8", channel_mult="", dropout=0.0, class_cond=False, num_classes=1000,
+        p_uncond=0.0,  # beyond the original, like num_classes: 0 keeps its layout and training
         use_checkpoint=False,
         use_scale_shift_norm=True, resblock_updown=False, use_fp16=False, use_new_attention_order=False,
         **su.diffusion_defaults())
