@@ -81,8 +81,12 @@ def main():
     parser.add_argument("--num_samples", type=int, default=2)
     parser.add_argument("--sampler", default="", help="--sampler of the run, e.g. dpm++2m (then --steps model "
                                                       "evaluations instead of a respacing)")
+    parser.add_argument("--fp32", action="store_true", help="override --use_fp16 and --classifier_use_fp16 with "
+                                                            "False (half precision convolutions are slow on a CPU)")
     args = parser.parse_args()
     overrides = dict(num_samples=args.num_samples, batch_size=args.num_samples, timestep_respacing=args.steps, seed=0)
+    if args.fp32:
+        overrides.update(use_fp16=False, classifier_use_fp16=False)
     if args.sampler.startswith("dpm++"):
         del overrides["timestep_respacing"]
         overrides.update(sampler=args.sampler, sampling_steps=int(args.steps))
