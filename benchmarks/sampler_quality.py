@@ -62,8 +62,7 @@ def load_models(cfg, args):
 def diffusion_for(flags, sampler, nfe, step_schedule):
     """DDPM and DDIM take NFE evenly spaced steps of the schedule; the solvers pick theirs from all steps."""
     respacing = str(nfe) if sampler in ("ddpm", "ddim") else ""
-    diffusion = su.create_gaussian_diffusion(steps=flags["diffusion_steps"], learn_sigma=flags["learn_sigma"],
-                                             noise_schedule=flags["noise_schedule"], timestep_respacing=respacing)
+    diffusion = su._diffusion_from_flags({**flags, "timestep_respacing": respacing})
     return diffusion, sample_loop(diffusion, sampler, steps=nfe, step_schedule=step_schedule)
 
 

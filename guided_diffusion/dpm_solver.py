@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch as th
 
-from .gaussian_diffusion import _randn, _resolve_device
+from .gaussian_diffusion import _final, _randn, _resolve_device
 
 SOLVERS = {"dpm++2m": (2, False), "dpm++3m": (3, False), "dpm++2m_sde": (2, True)}  # name: (order, sde)
 STEP_SCHEDULES = ("logsnr", "time")
@@ -194,7 +194,4 @@ def _lambda_window(lambdas, i, order):
 
 def dpm_solver_sample_loop(diffusion, model, shape, **kwargs):
     """The final sample of dpm_solver_sample_loop_progressive."""
-    final = None
-    for final in dpm_solver_sample_loop_progressive(diffusion, model, shape, **kwargs):
-        pass
-    return final["sample"]
+    return _final(dpm_solver_sample_loop_progressive(diffusion, model, shape, **kwargs))

@@ -75,8 +75,13 @@ def model_flags(cfg):
     return flags
 
 
+def scale_prefix(cfg):
+    """What a guidance scale is called in rows and file names: the weight w, or the classifier scale."""
+    return "w" if cfg.mode == "cfg" else "scale"
+
+
 def scale_name(cfg, scale):
-    return f"w {scale:g}" if cfg.mode == "cfg" else f"scale {scale:g}"
+    return f"{scale_prefix(cfg)} {scale:g}"
 
 
 def classifier_flags(cfg):
@@ -277,7 +282,7 @@ def run_experiment(cfg, out_dir, say=print):
         json.dump({"config": asdict(cfg), "rows": rows, "seconds": time.time() - start}, f, indent=1)
     say(table)
     say(f"done in {time.time() - start:.0f} s; grids (rows = target classes "
-        f"{', '.join(TOY_CLASSES)}): {out_dir}/grid_{'w' if cfg.mode == 'cfg' else 'scale'}*.png")
+        f"{', '.join(TOY_CLASSES)}): {out_dir}/grid_{scale_prefix(cfg)}*.png")
     return rows
 
 

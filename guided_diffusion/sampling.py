@@ -195,7 +195,7 @@ def generate(diffusion, model_fn, *, num_samples, batch_size, image_shape, kwarg
         DDIM with use_ddim, else DDPM.
     """
     device, rank, world = dist_util.dev(), dist_util.get_rank(), dist_util.get_world_size()
-    sample_fn = sample_fn or (diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop)
+    sample_fn = sample_fn or sample_loop(diffusion, "ddim" if use_ddim else "ddpm")
     images, labels = [], []
     bar = _progress_bar(num_samples) if progress and rank == 0 else None
     for indices in rank_batches(num_samples, batch_size, rank, world):
