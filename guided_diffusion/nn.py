@@ -101,8 +101,68 @@ def checkpoint(func, inputs, params, flag):
 
     Trades compute for memory. `params` is accepted for compatibility: the
     non-reentrant torch checkpoint already tracks every parameter `func` uses,
-    so gradients are identical to running without checkpointing.
+    so gradients are identical to running without checkpointing. It also
+    replays the RNG state, so dropout draws the same mask in the recomputation,
+    which CheckpointFunction (the original's route) does not.
     """
     if not flag:
         return func(*inputs)
     return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+
+
+class CheckpointFunction(th.autograd.Function):
+    """The original's hand-written activation checkpoint, for code that calls it directly.
+
+    CheckpointFunction.apply(run_function, len(inputs), *inputs, *params): the
+    first `length` arguments are the inputs, the rest the parameters run_function
+    uses (listed so that they receive gradients). forward runs without keeping
+    activations; backward recomputes run_function on detached inputs and returns
+    the gradients of the inputs and parameters. `checkpoint` above does not use
+    it: torch's non-reentrant checkpoint also restores the RNG state for dropout.
+    """
+
+    @staticmethod
+    def forward(ctx, run_function, length, *args):
+        ctx.run_function = run_function
+        ctx.input_tensors = list(args[:length])
+        ctx.input_params = list(args[length:])
+        ctx.autocast_device = _device_type(args)
+        ctx.autocast_kwargs = _autocast_state(ctx.autocast_device)
+        with th.no_grad():
+            output_tensors = ctx.run_function(*ctx.input_tensors)
+        return output_tensors
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        inputs = [_detached_leaf(x) for x in ctx.input_tensors]
+        with th.enable_grad(), th.autocast(ctx.autocast_device, **ctx.autocast_kwargs):
+            # view_as: run_function may modify its inputs in place, which a detached
+            # leaf that requires grad does not allow (the original does the same).
+            shallow_copies = [x.view_as(x) if isinstance(x, th.Tensor) else x for x in inputs]
+            output_tensors = ctx.run_function(*shallow_copies)
+        targets = inputs + ctx.input_params
+        wanted = [i for i, t in enumerate(targets) if isinstance(t, th.Tensor) and t.requires_grad]
+        grads = th.autograd.grad(output_tensors, [targets[i] for i in wanted], output_grads, allow_unused=True)
+        input_grads = [None] * len(targets)
+        for i, g in zip(wanted, grads):
+            input_grads[i] = g
+        del ctx.input_tensors, ctx.input_params, output_tensors
+        return (None, None) + tuple(input_grads)
+
+
+def _detached_leaf(x):
+    """x cut from the graph; a floating-point tensor requires grad (the original: every input)."""
+    if not isinstance(x, th.Tensor):
+        return x
+    return x.detach().requires_grad_(x.is_floating_point() or x.is_complex())
+
+
+def _device_type(args):
+    """The device type of the first tensor argument, for the autocast state ("cpu" without one)."""
+    return next((a.device.type for a in args if isinstance(a, th.Tensor)), "cpu")
+
+
+def _autocast_state(device_type):
+    """The autocast settings in force now, to recompute under the same ones in backward."""
+    return {"enabled": th.is_autocast_enabled(device_type), "dtype": th.get_autocast_dtype(device_type),
+            "cache_enabled": th.is_autocast_cache_enabled()}

@@ -94,6 +94,16 @@ class _Loop:
         for param_group in self.opt.param_groups:
             param_group["lr"] = self.lr * (1 - frac_done)
 
+    def _dump_logs(self, global_step, first, last):
+        """Write the logged key/values every log_interval global steps, and on the run's first and last step.
+
+        First: a run shorter than log_interval still shows a loss. Last: the steps since the
+        previous dump would otherwise never be written. One dump per step at most.
+        """
+        if first or last or global_step % self.log_interval == 0:
+            self._log_throughput(global_step)
+            logger.dumpkvs()
+
     def _log_throughput(self, global_step):
         """Samples per second since the previous call (all ranks together)."""
         now = time.time()
@@ -166,18 +176,23 @@ class TrainLoop(_Loop):
         return self.step + self.resume_step
 
     def run_loop(self):
-        """Train until lr_anneal_steps (or forever when 0), saving every save_interval steps and at the end."""
-        while not self.lr_anneal_steps or self.global_step() < self.lr_anneal_steps:
+        """Train until lr_anneal_steps (or forever when 0), saving every save_interval steps and at the end.
+
+        Logs are dumped on the run's first and last steps and every log_interval global steps; the
+        `step` logged is the global number of steps done, like the N of model{N:06d}.pt.
+        """
+        while not self._done():
             batch, cond = next(self.data)
             self.run_step(batch, cond)
             self.step += 1
-            if self.step % self.log_interval == 0:
-                self._log_throughput(self.global_step())
-                logger.dumpkvs()
+            self._dump_logs(self.global_step(), first=self.step == 1, last=self._done())
             if self.global_step() % self.save_interval == 0:
                 self.save()
         if self.step and self.global_step() % self.save_interval != 0:
             self.save()
+
+    def _done(self):
+        return bool(self.lr_anneal_steps) and self.global_step() >= self.lr_anneal_steps
 
     def run_step(self, batch, cond):
         """One optimizer step on a batch (N, C, H, W) with its model kwargs."""
@@ -260,7 +275,10 @@ class ClassifierTrainLoop(_Loop):
         self._last_log = (time.time(), self.resume_step)  # for samples_per_sec
 
     def run_loop(self):
-        """Train for `iterations` global steps, saving model and optimizer every save_interval and at the end."""
+        """Train for `iterations` global steps, saving model and optimizer every save_interval and at the end.
+
+        Logs are dumped like TrainLoop's: first and last step of the run, and every log_interval global steps.
+        """
         step = self.resume_step
         while step < self.iterations:
             if self.anneal_lr:
@@ -272,9 +290,7 @@ class ClassifierTrainLoop(_Loop):
             step += 1
             logger.logkv("step", step)
             logger.logkv("samples", step * self.global_batch)
-            if step % self.log_interval == 0:
-                self._log_throughput(step)
-                logger.dumpkvs()
+            self._dump_logs(step, first=step == self.resume_step + 1, last=step == self.iterations)
             if step % self.save_interval == 0 or step == self.iterations:
                 self.save(step)
 

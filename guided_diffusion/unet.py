@@ -238,12 +238,33 @@ def attention(q, k, v):
     return th.einsum("bts,bcs->bct", weight, v)
 
 
+def count_flops_attn(model, _x, y):
+    """A thop counting hook for the attention's two matmuls, as in the original.
+
+    thop sees no FLOPs in einsum or sdpa, so the original registers this for its
+    QKV attention classes: QK^T and the weighted sum of V each cost b * T^2 * c
+    multiply-adds, T the product of the spatial sizes. b, c and the spatial sizes
+    are read from y[0].shape, as the original reads them (compatibility detail).
+    Usage: thop.profile(model, inputs=..., custom_ops={QKVAttention: QKVAttention.count_flops}).
+    """
+    b, c, *spatial = y[0].shape
+    num_spatial = int(math.prod(spatial))
+    # Two matmuls with the same number of ops; the softmax and scaling are not counted.
+    matmul_ops = 2 * b * (num_spatial**2) * c
+    model.total_ops += th.DoubleTensor([matmul_ops])
+
+
 class _QKVAttentionBase(nn.Module):
     """Multi-head attention on a (N, 3 * H * ch, T) qkv tensor; subclasses say how it is laid out."""
 
     def __init__(self, n_heads):
         super().__init__()
         self.n_heads = n_heads
+
+    @staticmethod
+    def count_flops(model, _x, y):
+        """The thop hook of the original's QKVAttention and QKVAttentionLegacy (both inherit it)."""
+        return count_flops_attn(model, _x, y)
 
     def forward(self, qkv):
         bs, width, length = qkv.shape
@@ -313,6 +334,9 @@ class _NetworkMixin:
         self.conv_resample = conv_resample
         self.use_checkpoint = use_checkpoint
         self.use_fp16 = use_fp16
+        # The original sets this attribute from use_fp16 alone and code written for it
+        # reads model.dtype; convert_to_fp16/fp32 keep it in step with the weights here.
+        self.dtype = th.float16 if use_fp16 else th.float32
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.use_scale_shift_norm = use_scale_shift_norm
@@ -330,15 +354,21 @@ class _NetworkMixin:
         """Convert the convolutions of the input, middle and output blocks to float16."""
         for part in self._body():
             part.apply(convert_module_to_f16)
+        self.dtype = th.float16
 
     def convert_to_fp32(self):
         """Convert the body back to float32."""
         for part in self._body():
             part.apply(convert_module_to_f32)
+        self.dtype = th.float32
 
-    @property
-    def dtype(self):
-        """The dtype the blocks compute in: that of the first convolution's weight."""
+    def _body_dtype(self):
+        """The dtype the blocks really compute in: that of the first convolution's weight.
+
+        forward casts to this rather than to self.dtype, so a model built with
+        use_fp16 but not yet converted (say, before its checkpoint is loaded) still
+        runs, in float32; the original would feed float16 inputs to float32 weights.
+        """
         return self.input_blocks[0][0].weight.dtype
 
 
@@ -463,7 +493,7 @@ class UNetModel(_NetworkMixin, nn.Module):
                 raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
             emb = emb + self.label_emb(y)
         hs = []
-        h = x.type(self.dtype)
+        h = x.type(self._body_dtype())
         for module in self.input_blocks:
             h = module(h, emb)
             hs.append(h)
@@ -535,7 +565,7 @@ class EncoderUNetModel(_NetworkMixin, nn.Module):
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         spatial = self.pool.startswith("spatial")
         means = []
-        h = x.type(self.dtype)
+        h = x.type(self._body_dtype())
         for module in self.input_blocks:
             h = module(h, emb)
             if spatial:

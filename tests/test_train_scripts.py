@@ -1,5 +1,6 @@
 """The three training scripts, run as a user would, on the built-in toy dataset with tiny models."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -8,8 +9,9 @@ import pytest
 import torch as th
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+# The default --log_interval (10) is longer than these runs: they log their first and last steps.
 TINY_UNET = ["--num_channels", "32", "--num_res_blocks", "1", "--diffusion_steps", "50", "--batch_size", "4",
-             "--log_interval", "2", "--save_interval", "2"]
+             "--save_interval", "2"]
 
 
 @pytest.fixture
@@ -29,17 +31,24 @@ def checkpoint_names(folder):
     return sorted(p for p in os.listdir(folder) if p.endswith(".pt"))
 
 
+def logged_steps_and_losses(log_dir):
+    with open(os.path.join(log_dir, "progress.csv"), newline="") as f:
+        return [(row["step"], float(row["loss"])) for row in csv.DictReader(f)]
+
+
 def test_image_train_runs_saves_and_resumes(tmp_path, env):
     log_dir = str(tmp_path / "run")
     args = TINY_UNET + ["--image_size", "16", "--attention_resolutions", "8", "--class_cond", "True",
                         "--learn_sigma", "True", "--log_dir", log_dir]
     out = run("image_train.py", args + ["--lr_anneal_steps", "3"], env)
-    assert "built-in toy shapes dataset" in out and "samples_per_sec" in out
+    assert "built-in toy shapes dataset" in out and "samples_per_sec" in out and "| loss " in out
+    assert [step for step, _ in logged_steps_and_losses(log_dir)] == ["1", "3"]  # shorter than --log_interval
     assert checkpoint_names(log_dir) == ["ema_0.9999_000002.pt", "ema_0.9999_000003.pt", "model000002.pt",
                                          "model000003.pt", "opt000002.pt", "opt000003.pt"]
     out = run("image_train.py", args + ["--lr_anneal_steps", "4", "--resume_checkpoint", f"{log_dir}/model000003.pt"],
               env)
     assert "loading EMA from checkpoint" in out and "loading optimizer state" in out
+    assert [step for step, _ in logged_steps_and_losses(log_dir)] == ["4"]  # the resumed run's first and last step
     assert "model000004.pt" in checkpoint_names(log_dir)
     state = th.load(f"{log_dir}/model000004.pt", weights_only=True)
     assert state["label_emb.weight"].shape[0] == 1000 and state["out.2.weight"].shape[0] == 6

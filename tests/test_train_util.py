@@ -1,6 +1,7 @@
 """TrainLoop, ClassifierTrainLoop and MixedPrecisionTrainer on tiny models, in one process."""
 
 import copy
+import csv
 import os
 
 import numpy as np
@@ -75,6 +76,39 @@ def test_logs_have_step_samples_and_loss_quartiles(log_dir):
     assert sorted(p.name for p in log_dir.glob("*.pt")) == [
         "ema_0.99_000003.pt", "ema_0.99_000004.pt", "ema_0.9_000003.pt", "ema_0.9_000004.pt",
         "model000003.pt", "model000004.pt", "opt000003.pt", "opt000004.pt"]
+
+
+def logged_rows(log_dir):
+    with open(log_dir / "progress.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_logged_steps(log_dir, steps, batch_size=8, loss_key="loss"):
+    """progress.csv holds one row per step in `steps`, in order, each with its loss and samples."""
+    rows = logged_rows(log_dir)
+    assert [int(row["step"]) for row in rows] == steps
+    for row in rows:
+        assert float(row[loss_key]) > 0 and int(row["samples"]) == int(row["step"]) * batch_size
+        assert float(row["samples_per_sec"]) > 0
+    assert logger.getkvs() == {}  # nothing accumulated after the last dump is left behind
+
+
+# (steps, log_interval, steps logged): the first step, every log_interval-th step and the last step, once each.
+LOGGED_STEPS = [(1, 1, [1]), (3, 10, [1, 3]), (10, 5, [1, 5, 10]), (25, 10, [1, 10, 20, 25])]
+
+
+@pytest.mark.parametrize("steps, log_interval, logged", LOGGED_STEPS)
+def test_first_last_and_every_log_interval_steps_are_logged(log_dir, steps, log_interval, logged):
+    make_loop(lr_anneal_steps=steps, log_interval=log_interval, save_interval=100).run_loop()
+    assert_logged_steps(log_dir, logged)
+
+
+def test_a_resumed_run_logs_global_steps(log_dir):
+    make_loop(lr_anneal_steps=3, log_interval=2, save_interval=3).run_loop()
+    make_loop(lr_anneal_steps=7, log_interval=2, save_interval=100,
+              resume_checkpoint=str(log_dir / "model000003.pt")).run_loop()
+    # The resumed run starts at step 4 (its first) and then logs at the multiples of 2, like it saves.
+    assert_logged_steps(log_dir, [1, 2, 3, 4, 6, 7])
 
 
 def test_lr_annealing_reaches_zero_and_stops(log_dir):
@@ -279,3 +313,17 @@ def test_classifier_resume_continues_from_the_checkpoint(log_dir):
     assert all(th.equal(v, resumed.model.state_dict()[k]) for k, v in saved.items())
     resumed.run_loop()
     assert (log_dir / "model000007.pt").exists() and not (log_dir / "model000006.pt").exists()
+
+
+@pytest.mark.parametrize("iterations, log_interval, logged", LOGGED_STEPS)
+def test_classifier_logs_first_last_and_every_log_interval_steps(log_dir, iterations, log_interval, logged):
+    make_classifier_loop(iterations=iterations, log_interval=log_interval, save_interval=100,
+                         eval_interval=100).run_loop()
+    assert_logged_steps(log_dir, logged, loss_key="train_loss")
+
+
+def test_classifier_resumed_run_logs_global_steps(log_dir):
+    make_classifier_loop(iterations=5, log_interval=4, eval_interval=100).run_loop()
+    make_classifier_loop(iterations=11, log_interval=4, eval_interval=100,
+                         resume_checkpoint=str(log_dir / "model000005.pt")).run_loop()
+    assert_logged_steps(log_dir, [1, 4, 5, 6, 8, 11], loss_key="train_loss")
