@@ -18,7 +18,6 @@ import time
 import warnings
 from dataclasses import replace
 
-import numpy as np
 import torch as th
 
 from guided_diffusion import script_util as su

@@ -5,13 +5,13 @@ against a reference batch (both .npz with arr_0 uint8 N x H x W x 3), offline, i
 """
 
 import argparse
-import sys
 
+from guided_diffusion.cli import FlagParser, run
 from guided_diffusion.evaluator import Evaluator, evaluate, format_report
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref_batch", help="reference batch .npz (the original's, or one from make_reference_batch.py)")
     parser.add_argument("sample_batch", help="sample batch .npz, as the sampling scripts write it")
     parser.add_argument("--inception_path", default=None,
@@ -20,13 +20,10 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=64, help="images per Inception forward pass")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     args = parser.parse_args(argv)
-    try:
-        evaluator = Evaluator(args.inception_path, device=args.device, batch_size=args.batch_size)
-        results = evaluate(evaluator, args.ref_batch, args.sample_batch)
-    except ValueError as exc:
-        sys.exit(f"evaluator.py: error: {exc}")
+    evaluator = Evaluator(args.inception_path, device=args.device, batch_size=args.batch_size)
+    results = evaluate(evaluator, args.ref_batch, args.sample_batch)
     print(format_report(results))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -6,13 +6,13 @@ Inception pass over the references runs once.
 """
 
 import argparse
-import sys
 
+from guided_diffusion.cli import FlagParser, run
 from guided_diffusion.evaluator import Evaluator, make_reference_batch
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a folder of images (searched recursively) or an .npz with arr_0")
     parser.add_argument("out", help="the reference batch .npz to write")
     parser.add_argument("--image_size", type=int, default=None,
@@ -22,13 +22,10 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=64, help="images per Inception forward pass")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     args = parser.parse_args(argv)
-    try:
-        evaluator = Evaluator(args.inception_path, device=args.device, batch_size=args.batch_size)
-        path = make_reference_batch(evaluator, args.source, args.out, args.image_size, args.max_images)
-    except ValueError as exc:
-        sys.exit(f"make_reference_batch.py: error: {exc}")
+    evaluator = Evaluator(args.inception_path, device=args.device, batch_size=args.batch_size)
+    path = make_reference_batch(evaluator, args.source, args.out, args.image_size, args.max_images)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -14,6 +14,8 @@ import tempfile
 import blobfile as bf
 import torch as th
 
+from .errors import MissingFileError, UsageError, UserError
+
 # Flags that leave the state-dict layout unchanged, so a checkpoint cannot reveal them.
 LAYOUT_FREE_FLAGS = ("num_heads", "num_head_channels", "num_heads_upsample", "use_new_attention_order", "dropout",
                      "use_fp16", "classifier_use_fp16", "use_checkpoint")
@@ -21,7 +23,7 @@ LAYOUT_FREE_FLAGS = ("num_heads", "num_head_channels", "num_heads_upsample", "us
 # Values tried, one flag at a time, when searching for the flags a checkpoint was built with.
 _CANDIDATES = {
     "image_size": (16, 32, 64, 128, 256, 512),
-    "large_size": (64, 128, 256, 512),
+    "large_size": (16, 32, 64, 128, 256, 512),
     "num_res_blocks": (1, 2, 3, 4, 5, 6),
     "classifier_depth": (1, 2, 3, 4, 5, 6),
     "attention_resolutions": ("32,16,8", "16,8", "32,16", "16", "8", "64,32,16,8", ""),
@@ -32,7 +34,7 @@ _CANDIDATES = {
 }
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UsageError):
     """A checkpoint whose keys or shapes do not fit the model built from the flags."""
 
 
@@ -44,7 +46,7 @@ def read_state_dict(path):
 def read_checkpoint(path):
     """Load any checkpoint (a state dict, an optimizer state) with weights_only=True, onto the CPU."""
     if not bf.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path} (check --model_path / --classifier_path)")
+        raise MissingFileError(f"checkpoint not found: {path} (check --model_path / --classifier_path)")
     if "://" not in path:
         return _load(path, source=path)
     with bf.BlobFile(path, "rb") as f:
@@ -60,7 +62,7 @@ def _load(file, source):
     try:
         return th.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, objects other than tensors
-        raise ValueError(
+        raise UserError(
             f"cannot read {source} as a PyTorch checkpoint ({type(exc).__name__}: {exc}); "
             "the file may be truncated, or hold objects other than tensors"
         ) from exc
@@ -68,7 +70,7 @@ def _load(file, source):
 
 def check_is_state_dict(state, source="checkpoint"):
     if not isinstance(state, dict) or not all(isinstance(v, th.Tensor) for v in state.values()):
-        raise ValueError(f"{source} is not a model state dict (a mapping of parameter names to tensors)")
+        raise UserError(f"{source} is not a model state dict (a mapping of parameter names to tensors)")
     return state
 
 

@@ -1,24 +1,100 @@
 """Shared helpers of the command-line scripts, so each script's main() stays a few lines."""
 
 import argparse
+import difflib
+import os
+import sys
+import time
 
 import torch as th
 
 from . import dist_util, logger
-from .script_util import RUN_FLAGS, add_dict_to_argparser
+from .errors import UsageError, UserError, flag_errors
+from .script_util import RUN_FLAGS, add_flags, flags_of
 from .toy_data import TOY_CLASSES, ensure_toy_dataset
 
 TOY_VALIDATION_SEED = 1  # the held-out toy set: same classes, other images
 
 
+TRACEBACK_VAR = "GUIDED_DIFFUSION_TRACEBACK"  # set to 1 to see the traceback of an anticipated error too
+RANK_GRACE_S = 3.0  # how long the other ranks wait for rank 0 to report an error and end the run
+
+
+def run(main):
+    """Run a script's main(). An anticipated error (errors.UserError) prints one line, prefixed with the
+    script's name, and exits with its code (2 for flags, as argparse); any other exception is a bug and
+    keeps its traceback. Under mpiexec or torchrun the message is printed once and every rank exits."""
+    try:
+        main()
+    except UserError as exc:
+        if os.environ.get(TRACEBACK_VAR, "") not in ("", "0"):
+            raise
+        _exit_with_error(str(exc), exc.exit_code, getattr(exc, "usage", ""))
+    except KeyboardInterrupt:
+        _exit_with_error("interrupted", 130)
+
+
+def _exit_with_error(message, code, usage=""):
+    """Rank 0 reports and ends the run. Another rank waits, so that rank 0's report (of the same error,
+    usually) ends it first; it reports only an error rank 0 did not have (its own data shard, say)."""
+    prog = os.path.basename(sys.argv[0]) or "guided_diffusion"
+    rank = dist_util.launch_rank()
+    if rank != 0:
+        time.sleep(RANK_GRACE_S)
+        if dist_util.get_world_size() == 1:  # before the process group: every rank parses the same flags
+            sys.exit(code)
+        prog = f"{prog} (rank {rank})"
+    sys.stderr.write(f"{usage}{prog}: error: {message}\n")
+    dist_util.abort_run(code)
+
+
 def parse_flags(description, *groups, argv=None):
-    """Parse --flags whose defaults come from the given dicts or FlagGroups (later ones win)."""
-    defaults = dict(RUN_FLAGS.defaults())
-    for group in groups:
-        defaults.update(group if isinstance(group, dict) else group.defaults())
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_dict_to_argparser(parser, defaults)
-    return parser.parse_args(argv)
+    """Parse --flags defined by the given FlagGroups or defaults dicts (later ones win).
+
+    A flag defined in two groups takes its default and help text from the later one,
+    so each script's --help shows the text that belongs to it. The names given on the
+    command line are kept for given_flags(args).
+    """
+    flags = flags_of(RUN_FLAGS, *groups)
+    parser = FlagParser(description=description)
+    add_flags(parser, flags)
+    args = parser.parse_args(argv)
+    args._given = given_names(flags, argv)
+    return args
+
+
+def given_names(flags, argv=None):
+    """The flag names that appear on the command line argv (sys.argv[1:] when None)."""
+    parser = FlagParser()
+    for name in flags:
+        parser.add_argument(f"--{name}", default=argparse.SUPPRESS)  # absent flags stay out of the namespace
+    return frozenset(vars(parser.parse_known_args(argv)[0]))
+
+
+def given_flags(args):
+    """The names of the flags given on the command line (empty for args not made by parse_flags)."""
+    return getattr(args, "_given", frozenset())
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UsageErrors, so that run() prints them once for all ranks."""
+
+    def error(self, message):
+        usage = self.format_usage()
+        if usage.count("\n") > 4:  # dozens of flags: the usage would bury the message
+            usage = f"usage: {self.prog} [--flag value ...] (every flag: {self.prog} --help)\n"
+        raise UsageError(message + self._did_you_mean(message), usage=usage)
+
+    def _did_you_mean(self, message):
+        """For misspelt flags, the closest known ones."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [option for action in self._actions for option in action.option_strings]
+        hints = []
+        for word in message.split(":", 1)[1].split():
+            close = difflib.get_close_matches(word.split("=")[0], known, n=1) if word.startswith("-") else []
+            hints += [f"{close[0]} for {word}"] if close else []
+        return f"; did you mean {', '.join(hints)}?" if hints else ""
 
 
 def start_run(args, seed=-1):
@@ -41,13 +117,14 @@ def start_run(args, seed=-1):
         logger.log(f"devices: {dist_util.get_world_size()} process(es), this one on {dist_util.dev()}")
 
 
-def finish_sampling(images, labels=None):
-    """Save the samples on rank 0 (npz and PNG grid), wait for every rank, and log the path last."""
+def finish_sampling(images, labels=None, class_names=None):
+    """Save the samples on rank 0 (npz and PNG grid; with class_names, the names of the labels too), wait
+    for every rank, and log the path last."""
     path = None
     if dist_util.is_main_process():
         from .sampling import save_samples
 
-        path = save_samples(images, labels)
+        path = save_samples(images, labels, class_names=class_names)
     dist_util.barrier()
     if path:
         logger.log(f"sampling complete: {len(images)} samples saved to {path}")
@@ -70,21 +147,39 @@ def training_data_dir(data_dir, image_size, validation=False):
     return folder
 
 
-def labeled_data_dir(data_dir, image_size, num_classes, validation=False):
-    """training_data_dir, checked to hold no more classes than the model has outputs."""
-    from .image_datasets import class_names
+def labeled_data_dir(data_dir, image_size, num_classes, validation=False, label_source="filename"):
+    """training_data_dir, checked to hold no more classes than the model has outputs. For the training
+    set, the class-name-to-index map is logged and saved beside the checkpoints (CLASS_NAMES_FILE)."""
+    from .image_datasets import CLASS_NAMES_FILE, class_names, save_class_names
 
     folder = training_data_dir(data_dir, image_size, validation=validation)
-    names = class_names(folder)
+    names = class_names(folder, label_source=label_source)
     if len(names) > num_classes:
-        raise ValueError(f"{folder} holds {len(names)} classes ({', '.join(names[:5])}...) but --num_classes is "
+        raise UsageError(f"{folder} holds {len(names)} classes ({', '.join(names[:5])}...) but --num_classes is "
                          f"{num_classes}; pass --num_classes {len(names)}")
+    if not validation and dist_util.is_main_process():
+        path = os.path.join(logger.get_dir(), CLASS_NAMES_FILE)
+        save_class_names(names, path)
+        shown = ", ".join(f"{i}: {name}" for i, name in enumerate(names[:20]))
+        more = ", ..." if len(names) > 20 else ""
+        logger.log(f"classes (from the {label_source}s, saved to {path}): {shown}{more}")
     return folder
+
+
+def class_names_beside(*checkpoint_paths):
+    """The class names saved by training beside the first of these checkpoints that has them, or None."""
+    from .image_datasets import find_class_names
+
+    for path in checkpoint_paths:
+        names = find_class_names(path) if path else None
+        if names:
+            logger.log(f"class names from beside {path}: {len(names)} classes")
+            return names
+    return None
 
 
 def train_diffusion(args, model, diffusion, data):
     """Run TrainLoop with the training flags of image_train.py / super_res_train.py."""
-    from .resample import create_named_schedule_sampler
     from .train_util import TrainLoop
 
     if args.p_uncond > 0:
@@ -97,6 +192,14 @@ def train_diffusion(args, model, diffusion, data):
         model=model, diffusion=diffusion, data=data, batch_size=args.batch_size, microbatch=args.microbatch,
         lr=args.lr, ema_rate=args.ema_rate, log_interval=args.log_interval, save_interval=args.save_interval,
         resume_checkpoint=args.resume_checkpoint, use_fp16=args.use_fp16, fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+        schedule_sampler=schedule_sampler_from_flags(args, diffusion),
         weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps, use_bf16=args.use_bf16,
     ).run_loop()
+
+
+def schedule_sampler_from_flags(args, diffusion):
+    """The timestep sampler named by --schedule_sampler."""
+    from .resample import create_named_schedule_sampler
+
+    with flag_errors(NotImplementedError):
+        return create_named_schedule_sampler(args.schedule_sampler, diffusion)

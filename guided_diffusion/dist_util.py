@@ -8,11 +8,13 @@ tensors with Gloo for CPU ones when a GPU is present, Gloo alone otherwise.
 
 import os
 import socket
+import sys
 
 import torch as th
 import torch.distributed as dist
 
 from .checkpoints import checkpoint_from_bytes, read_checkpoint
+from .errors import MissingFileError, UserError
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -100,6 +102,33 @@ def is_main_process():
     return get_rank() == 0
 
 
+# Where each launcher puts a process's rank before any process group exists.
+_LAUNCHER_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+
+
+def launch_rank():
+    """This process's rank, also before setup_dist(): from the process group, else the launcher's variables."""
+    if dist.is_initialized():
+        return dist.get_rank()
+    for name in _LAUNCHER_RANK_VARS:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def abort_run(code):
+    """End this process with exit status `code`, and under MPI every other rank of the job too.
+
+    mpiexec waits for all ranks, and a rank blocked in a collective never returns, so MPI's
+    Abort is the one way to end the job. torchrun ends the other ranks itself when one exits.
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and get_world_size() > 1:
+        sys.stderr.flush()
+        mpi.COMM_WORLD.Abort(code)
+    sys.exit(code)
+
+
 def barrier():
     if get_world_size() > 1:
         dist.barrier()
@@ -139,10 +168,13 @@ def _broadcast_checkpoint(path):
             payload = th.frombuffer(bytearray(data), dtype=th.uint8)
         except (OSError, ValueError) as exc:
             error = exc
-    size = th.tensor([-1 if error else (payload.numel() if payload is not None else 0)], dtype=th.int64)
+    missing = isinstance(error, FileNotFoundError)
+    size = th.tensor([(-1 if missing else -2) if error else (0 if payload is None else payload.numel())],
+                     dtype=th.int64)
     dist.broadcast(size, 0)
-    if size.item() < 0:
-        raise error if error else RuntimeError(f"rank 0 could not read the checkpoint {path}; see its error")
+    if size.item() < 0:  # the other ranks raise the same kind of error as rank 0
+        failed = MissingFileError if size.item() == -1 else UserError
+        raise error if error else failed(f"rank 0 could not read the checkpoint {path}; see its error")
     if payload is None:
         payload = th.empty(int(size.item()), dtype=th.uint8)
     dist.broadcast(payload, 0)
@@ -153,7 +185,7 @@ def _read_bytes(path):
     import blobfile as bf
 
     if not bf.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path} (check --model_path / --classifier_path)")
+        raise MissingFileError(f"checkpoint not found: {path} (check --model_path / --classifier_path)")
     with bf.BlobFile(path, "rb") as f:
         return f.read()
 

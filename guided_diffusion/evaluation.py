@@ -3,7 +3,6 @@
 import os
 
 import numpy as np
-import torch as th
 import torch.distributed as dist
 
 from . import dist_util, logger

@@ -21,6 +21,7 @@ import numpy as np
 import torch as th
 
 from .checkpoints import atomic_write
+from .errors import MissingFileError, UserError
 from .inception import load_inception, preprocess
 from .metrics import FIDStatistics, compute_statistics, inception_score, precision_recall
 
@@ -94,25 +95,25 @@ class Evaluator:
 
 def _open_npz(path):
     if not os.path.isfile(path):
-        raise ValueError(f"batch {path!r} does not exist; pass an .npz with arr_0 (uint8 N x H x W x 3 images)")
+        raise MissingFileError(f"batch {path!r} does not exist; pass an .npz with arr_0 (uint8 N x H x W x 3 images)")
     try:
         return np.load(path)
     except Exception as exc:
-        raise ValueError(f"could not read {path!r} as an .npz batch ({exc})") from exc
+        raise UserError(f"could not read {path!r} as an .npz batch ({exc})") from exc
 
 
 def read_images(npz, path):
     """arr_0 of an open npz, checked to be uint8 (N, H, W, 3)."""
     if "arr_0" not in npz.files:
-        raise ValueError(f"{path}: no arr_0 in this npz (keys: {', '.join(npz.files)}); a batch holds its "
+        raise UserError(f"{path}: no arr_0 in this npz (keys: {', '.join(npz.files)}); a batch holds its "
                          "images as arr_0, uint8 N x H x W x 3, as the sampling scripts write them")
     images = npz["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{path}: arr_0 is {images.dtype} of shape {images.shape}; expected uint8 images "
+        raise UserError(f"{path}: arr_0 is {images.dtype} of shape {images.shape}; expected uint8 images "
                          "N x H x W x 3 with values 0..255 (convert with ((x + 1) * 127.5).round().clip(0, 255)"
                          ".astype(np.uint8) from [-1, 1])")
     if len(images) == 0:
-        raise ValueError(f"{path}: arr_0 holds no images")
+        raise UserError(f"{path}: arr_0 holds no images")
     return images
 
 
@@ -121,17 +122,17 @@ def load_folder_images(folder, image_size=None, max_images=None):
     from .image_datasets import _list_image_files_recursively, _read_rgb_image, center_crop_arr
 
     if not os.path.isdir(folder):
-        raise ValueError(f"{folder!r} is neither an .npz batch nor a folder of images")
+        raise UserError(f"{folder!r} is neither an .npz batch nor a folder of images")
     paths = _list_image_files_recursively(folder)[:max_images]
     if not paths:
-        raise ValueError(f"{folder!r} holds no images (.jpg, .jpeg, .png, .gif, searched recursively)")
+        raise UserError(f"{folder!r} holds no images (.jpg, .jpeg, .png, .gif, searched recursively)")
     arrays = []
     for path in paths:
         image = _read_rgb_image(path)
         arrays.append(np.array(image) if image_size is None else center_crop_arr(image, image_size))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise ValueError(f"{folder!r}: images of different sizes ({sorted(shapes)[:3]} ...); pass --image_size "
+        raise UserError(f"{folder!r}: images of different sizes ({sorted(shapes)[:3]} ...); pass --image_size "
                          "to center-crop them all to one size")
     return np.stack(arrays)
 

@@ -1,12 +1,11 @@
 """Mixed precision: half-precision conversion of the networks and the fp16/bf16 trainer."""
 
-import math
-
 import torch as th
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import logger
+from .errors import UsageError
 
 INITIAL_LOG_LOSS_SCALE = 20.0
 
@@ -44,10 +43,16 @@ def _cast_conv(module, method):
 
 
 def get_param_groups_and_shapes(named_model_params):
+    """Split (name, param) pairs into [(ndim <= 1 pairs, -1), (ndim > 1 pairs, (1, -1))], in order.
+
+    Each shape is what that group's flat master tensor is viewed as. The first is
+    the int -1, not (-1,): the original writes `(-1)`, and code written for it may
+    compare or unpack the shapes.
+    """
     named_model_params = list(named_model_params)
     scalar_vector = [(n, p) for (n, p) in named_model_params if p.ndim <= 1]
     matrix = [(n, p) for (n, p) in named_model_params if p.ndim > 1]
-    return [(scalar_vector, (-1,)), (matrix, (1, -1))]
+    return [(scalar_vector, -1), (matrix, (1, -1))]
 
 
 def make_master_params(param_groups_and_shapes):
@@ -98,6 +103,12 @@ def state_dict_to_master_params(model, state_dict, use_fp16):
     return [state_dict[name] for name, _ in model.named_parameters()]
 
 
+def check_overflow(value):
+    """True when value (a float or a 0-d tensor) is +inf, -inf or NaN: an fp16 step to skip."""
+    # The original's test, kept verbatim: for a tensor it returns a bool tensor.
+    return (value == float("inf")) or (value == -float("inf")) or (value != value)
+
+
 def zero_master_grads(master_params):
     for param in master_params:
         param.grad = None
@@ -132,7 +143,7 @@ class MixedPrecisionTrainer:
     def __init__(self, *, model, use_fp16=False, fp16_scale_growth=1e-3, initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,
                  use_bf16=False):
         if use_fp16 and use_bf16:
-            raise ValueError("use_fp16 and use_bf16 exclude each other: pick one")
+            raise UsageError("--use_fp16 and --use_bf16 exclude each other: pick one")
         self.model = model
         self.use_fp16 = use_fp16
         self.use_bf16 = use_bf16
@@ -168,7 +179,7 @@ class MixedPrecisionTrainer:
         logger.logkv_mean("lg_loss_scale", self.lg_loss_scale)
         model_grads_to_master_grads(self.param_groups_and_shapes, self.master_params)
         grad_norm, param_norm = self._compute_norms(grad_scale=2**self.lg_loss_scale)
-        if not math.isfinite(grad_norm):
+        if check_overflow(grad_norm):
             self.lg_loss_scale -= 1
             logger.log(f"Found NaN, decreased lg_loss_scale to {self.lg_loss_scale}")
             zero_master_grads(self.master_params)

@@ -24,6 +24,7 @@ import numpy as np
 import torch as th
 
 from . import logger
+from .errors import UsageError, UserError
 from .image_datasets import load_data
 from .metrics import compute_statistics, precision_recall
 from .sampling import image_grid, load_model, to_uint8_nhwc
@@ -104,7 +105,7 @@ def run_script(name, args, log_dir):
     with open(os.path.join(log_dir, "stdout.txt"), "w") as out:
         result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        raise RuntimeError(f"{name} failed (exit {result.returncode}); see {log_dir}/stdout.txt")
+        raise UserError(f"{name} failed (exit {result.returncode}); see {log_dir}/stdout.txt")
 
 
 def train_all(cfg, out_dir, say):
@@ -290,7 +291,7 @@ def config_from_flags(quick=False, **overrides):
     """The configuration: defaults, then the quick sizes, then the given values (None: keep)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides.get("mode", "classifier") not in MODES:
-        raise ValueError(f"--mode {overrides['mode']!r}: use one of {', '.join(MODES)}")
+        raise UsageError(f"--mode {overrides['mode']!r}: use one of {', '.join(MODES)}")
     cfg = ExperimentConfig()
     if overrides.get("mode") == "cfg":
         cfg = replace(cfg, scales=CFG_SCALES)

@@ -1,11 +1,23 @@
 """
 Image folder loading for diffusion and classifier training.
 
-A data folder is searched recursively for images; with ``class_cond`` the
-label of ``some/dir/<class>_<anything>.png`` is ``<class>``.  Folders may be
-local paths or any URL that ``blobfile`` understands.
+A data folder is searched recursively for images.  With ``class_cond`` each
+image's class comes from one of two places, chosen by ``label_source``:
+
+- ``"filename"`` (the default, as in the original): the file-name prefix,
+  ``some/dir/<class>_<anything>.png`` -> ``<class>``;
+- ``"folder"``: the name of the image's parent folder, ``<class>/123.png`` or
+  ``root/train/<class>/123.png`` -> ``<class>``.  Every image must then sit in
+  a folder below the data folder.
+
+Labels are indices into the sorted class names (``class_names``).  That map
+can be kept beside checkpoints as a JSON file, ``CLASS_NAMES_FILE``, holding
+``{"class_names": [...]}`` (see ``save_class_names``, ``read_class_names`` and
+``find_class_names``).  Folders may be local paths or any URL that
+``blobfile`` understands.
 """
 
+import json
 import math
 import random
 
@@ -15,7 +27,13 @@ from PIL import Image
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from .checkpoints import atomic_write
+from .errors import UserError
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
+LABEL_SOURCES = ("filename", "folder")
+# The class map that training writes beside its checkpoints.
+CLASS_NAMES_FILE = "class_names.json"
 
 
 def load_data(
@@ -27,18 +45,22 @@ def load_data(
     deterministic=False,
     random_crop=False,
     random_flip=True,
+    label_source="filename",
 ):
     """
     Build an endless stream of ``(images, cond)`` batches from a folder.
 
     ``images`` is a float32 NCHW tensor scaled to [-1, 1]; ``cond`` is
     ``{"y": int64 labels}`` when ``class_cond`` is set and ``{}`` otherwise.
+    ``label_source`` says where a class comes from: ``"filename"`` (the
+    ``<class>_`` prefix) or ``"folder"`` (the parent folder's name).
     Each distributed rank reads a disjoint shard of the files.
 
     Input problems raise here, at call time, rather than on the first batch.
     """
+    _check_label_source(label_source)
     paths = _list_data_dir(data_dir)
-    classes = _class_indices(paths) if class_cond else None
+    classes = _class_indices(paths, data_dir, label_source) if class_cond else None
     rank, world = _rank_and_world()
     dataset = ImageDataset(
         image_size,
@@ -60,31 +82,91 @@ def load_data(
     return _forever(loader)
 
 
-def class_names(data_dir):
-    """The sorted class names of a labeled folder (file-name prefixes); index i is label i."""
-    return sorted({_class_name(path) for path in _list_data_dir(data_dir)})
+def class_names(data_dir, label_source="filename"):
+    """The sorted class names of a labeled folder (see ``label_source``); index i is label i."""
+    _check_label_source(label_source)
+    paths = _list_data_dir(data_dir)
+    return sorted(set(_class_names_of(paths, data_dir, label_source)))
+
+
+def save_class_names(names, path):
+    """Write ``{"class_names": names}`` (index i is label i) to ``path`` as JSON, atomically."""
+    text = json.dumps({"class_names": list(names)}, ensure_ascii=False, indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def read_class_names(path):
+    """The class names (index i is label i) stored by ``save_class_names`` in ``path``."""
+    with bf.BlobFile(path, "rb") as f:
+        raw = f.read()
+    try:
+        names = json.loads(raw.decode("utf-8"))["class_names"]
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+        raise _bad_class_names_file(path, exc) from exc
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise _bad_class_names_file(path, "'class_names' is not a list of strings")
+    return names
+
+
+def _bad_class_names_file(path, problem):
+    return ValueError(
+        f"class names file {path!r} is not a JSON object "
+        f'{{"class_names": ["<class 0>", "<class 1>", ...]}} ({problem}); '
+        "delete it, or rewrite it with save_class_names."
+    )
+
+
+def find_class_names(checkpoint_path):
+    """The class names in ``CLASS_NAMES_FILE`` beside ``checkpoint_path``, or None without one."""
+    path = bf.join(bf.dirname(checkpoint_path), CLASS_NAMES_FILE)
+    if not bf.exists(path):
+        return None
+    return read_class_names(path)
+
+
+def _check_label_source(label_source):
+    if label_source not in LABEL_SOURCES:
+        choices = " or ".join(repr(s) for s in LABEL_SOURCES)
+        raise UserError(
+            f"--label_source {label_source!r} is not supported; use {choices} "
+            "(the class from the '<class>_' file-name prefix, or from the "
+            "image's parent folder)."
+        )
 
 
 def _forever(loader):
-    while True:
-        yield from loader
+    try:
+        while True:
+            yield from loader
+    except UserError as exc:
+        raise _unwrapped(exc) from None
+
+
+def _unwrapped(exc):
+    """A UserError raised in a DataLoader worker, without the worker's traceback that the loader put
+    into its message: only the original message (the last line, after the error's class name)."""
+    text = str(exc)
+    marker = f"{type(exc).__name__}: "
+    if "Original Traceback" not in text or marker not in text:
+        return exc
+    return type(exc)(text.rsplit(marker, 1)[1].strip())
 
 
 def _list_data_dir(data_dir):
     if not data_dir:
-        raise ValueError(
+        raise UserError(
             "--data_dir is required: pass the folder that holds your training "
             "images (searched recursively for "
             f"{_extension_text()} files)."
         )
     if not bf.isdir(data_dir):
         problem = "is not a directory" if bf.exists(data_dir) else "does not exist"
-        raise ValueError(
+        raise UserError(
             f"--data_dir {data_dir!r} {problem}; point it at a folder of images."
         )
     paths = _list_image_files_recursively(data_dir)
     if not paths:
-        raise ValueError(
+        raise UserError(
             f"--data_dir {data_dir!r} contains no images; accepted extensions "
             f"(any case, searched recursively) are {_extension_text()}."
         )
@@ -107,22 +189,43 @@ def _list_image_files_recursively(data_dir):
     return results
 
 
-def _class_indices(paths):
-    """Map each path to the index of its file-name prefix among sorted classes."""
-    names = [_class_name(path) for path in paths]
+def _class_indices(paths, data_dir=None, label_source="filename"):
+    """Map each path to the index of its class (see ``label_source``) among sorted classes."""
+    names = _class_names_of(paths, data_dir, label_source)
     index_of = {name: i for i, name in enumerate(sorted(set(names)))}
     return [index_of[name] for name in names]
+
+
+def _class_names_of(paths, data_dir, label_source):
+    if label_source == "folder":
+        top = bf.dirname(bf.join(data_dir, "_"))
+        return [_folder_class_name(path, top) for path in paths]
+    return [_class_name(path) for path in paths]
+
+
+def _folder_class_name(path, top):
+    """The parent folder's name; ``top`` is the data folder as listed paths spell it."""
+    parent = bf.dirname(path)
+    if parent == top:
+        raise UserError(
+            f"--label_source folder takes each image's class from its parent "
+            f"folder, but {path!r} sits directly in --data_dir {top!r}. Put it "
+            f"in a class folder (e.g. '<class>/{bf.basename(path)}'), or use "
+            "--label_source filename."
+        )
+    return bf.basename(parent)
 
 
 def _class_name(path):
     base = bf.basename(path)
     prefix, sep, _ = base.partition("_")
     if not sep or not prefix:
-        raise ValueError(
+        raise UserError(
             f"class_cond=True needs the class in each file name, but {path!r} "
             "has no '<class>_' prefix. Name files '<class>_<anything>.png' "
             "(e.g. 'dog_0001.png'; the class is the text before the first "
-            "'_'), or train without --class_cond."
+            "'_'), pass --label_source folder to take the class from each "
+            "image's parent folder, or train without --class_cond."
         )
     return prefix
 
@@ -137,7 +240,7 @@ def _check_enough_images(dataset, batch_size, total, world):
     # With drop_last=True a shard smaller than one batch would make the
     # endless loop spin forever without yielding anything.
     if len(dataset) < batch_size:
-        raise ValueError(
+        raise UserError(
             f"this rank's shard has {len(dataset)} images ({total} found, split "
             f"across {world} ranks) but batch_size is {batch_size}; add images, "
             "lower the batch size, or use fewer ranks."
@@ -193,7 +296,7 @@ def _read_rgb_image(path):
             pil_image.load()
         return pil_image.convert("RGB")
     except Exception as exc:
-        raise ValueError(
+        raise UserError(
             f"could not read image {path!r} ({exc}); the file is corrupt or not "
             "a supported image; delete or replace it."
         ) from exc
@@ -235,11 +338,11 @@ def _resize_short_side(pil_image, target):
     )
 
 
-def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False):
+def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False, label_source="filename"):
     """Batches of large_size images whose cond also holds `low_res`: the same images area-downsampled to small_size."""
     import torch.nn.functional as F
 
     for large_batch, model_kwargs in load_data(data_dir=data_dir, batch_size=batch_size, image_size=large_size,
-                                               class_cond=class_cond):
+                                               class_cond=class_cond, label_source=label_source):
         model_kwargs["low_res"] = F.interpolate(large_batch, small_size, mode="area")
         yield large_batch, model_kwargs

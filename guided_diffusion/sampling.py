@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from . import dist_util, logger
 from .cfg import guided_model, has_null_class
-from .checkpoints import atomic_write, load_model_state
-from .dpm_solver import SOLVERS, dpm_solver_sample_loop, dynamic_threshold
+from .checkpoints import CheckpointMismatchError, atomic_write, layout_of, load_model_state
+from .dpm_solver import SOLVERS, dpm_solver_sample_loop, dynamic_threshold, step_timesteps
+from .errors import UsageError, flag_errors
 from .script_util import MODEL_KINDS, args_to_dict, create_from_flags
 
 # --------------------------------------------------------------------------- models
@@ -25,19 +26,84 @@ from .script_util import MODEL_KINDS, args_to_dict, create_from_flags
 
 def load_model(kind, args, path, path_flag="model_path"):
     """Build a model of `kind` from the flags in args, load its checkpoint strictly, move it to this
-    process's device (in fp16 when its flag says so) and set eval mode. Returns (model, diffusion)."""
+    process's device (in fp16 when its flag says so) and set eval mode. Returns (model, diffusion).
+
+    A checkpoint with the layout of a released one brings that checkpoint's flags when the command
+    line gives no model flags (see flags_for_checkpoint); args is updated with them.
+    """
     if not path:
-        raise ValueError(f"--{path_flag} is required: the checkpoint of the {kind} model to sample with")
-    defaults, _, fp16_flag = MODEL_KINDS[kind]
-    flags = args_to_dict(args, defaults().keys())
-    model, diffusion = create_from_flags(kind, flags)
+        raise UsageError(f"--{path_flag} is required: the checkpoint of the {kind} model to sample with")
     logger.log(f"loading {kind} model from {path}...")
     state = dist_util.load_state_dict(path, map_location="cpu")
-    load_model_state(model, state, source=path, flags=flags, build=lambda **f: create_from_flags(kind, f)[0])
+    flags, record = flags_for_checkpoint(kind, args, state, path)
+    model, diffusion = create_from_flags(kind, flags)
+    try:
+        load_model_state(model, state, source=path, flags=flags, build=lambda **f: create_from_flags(kind, f)[0])
+    except CheckpointMismatchError as exc:
+        raise CheckpointMismatchError(f"{exc}\n{_released_hint(record)}" if record else str(exc)) from None
     model.to(dist_util.dev())
-    if flags[fp16_flag]:
+    if flags[MODEL_KINDS[kind][2]]:
         model.convert_to_fp16()
     return model.eval(), diffusion
+
+
+# Flags that leave a network's layout and function alone: given on the command line, they still let a
+# released checkpoint bring its flags.
+RUNTIME_FLAGS = frozenset({"use_fp16", "classifier_use_fp16", "use_checkpoint", "timestep_respacing"})
+
+
+def flags_for_checkpoint(kind, args, state, path):
+    """The flags to build `kind` with, and the released record the checkpoint's layout matches (or None).
+
+    Without model flags on the command line (RUNTIME_FLAGS aside), a released layout's flags replace
+    the defaults, are set in args, and are logged in one line; flags on the command line always win.
+    """
+    from .cli import given_flags
+    from .released import command_line, match_released
+
+    defaults = MODEL_KINDS[kind][0]()
+    flags = args_to_dict(args, defaults)
+    record = match_released(layout_of(state), kind)
+    given = given_flags(args) & set(defaults)
+    if record is None or given - RUNTIME_FLAGS:
+        return flags, record
+    chosen = {k: v for k, v in record.flags.items() if k not in given and k in flags}
+    shown = command_line(chosen)
+    note = _keep_fp32_on_cpu(chosen)
+    _check_agreement(args, chosen, path)
+    flags.update(chosen)
+    for name, value in chosen.items():
+        setattr(args, name, value)
+    logger.log(f"{os.path.basename(path)} has the layout of the released {', '.join(record.files)}; using its "
+               f"flags: {shown}{note}")
+    return flags, record
+
+
+def _keep_fp32_on_cpu(chosen):
+    """The released flags ask for fp16, which a CPU runs many times slower than float32: keep float32 there."""
+    fp16 = [k for k in ("use_fp16", "classifier_use_fp16") if chosen.get(k)]
+    if not fp16 or dist_util.dev().type == "cuda":
+        return ""
+    for name in fp16:
+        chosen[name] = False
+    return f" (but --{fp16[0]} False: fp16 is slow on a CPU; pass --{fp16[0]} True to force it)"
+
+
+def _check_agreement(args, chosen, path):
+    """Two checkpoints of one run (diffusion model and classifier) must agree on the flags they share."""
+    inferred = getattr(args, "_inferred", {})
+    for name, value in chosen.items():
+        if name in inferred and inferred[name][0] != value:
+            raise UsageError(f"{path} needs --{name} {value} but {inferred[name][1]} needs --{name} "
+                             f"{inferred[name][0]}: use checkpoints of the same resolution")
+    args._inferred = {**inferred, **{name: (value, path) for name, value in chosen.items()}}
+
+
+def _released_hint(record):
+    from .released import command_line
+
+    return (f"It has the layout of the released {', '.join(record.files)}: give no model flags to use its flags, "
+            f"or these: {command_line(record.flags)}")
 
 
 def class_conditional_model(model, class_cond):
@@ -56,7 +122,7 @@ def model_fn_from_flags(model, args):
     if not args.cfg_scale:
         return model_fn
     if not args.class_cond or not has_null_class(model, args.num_classes):
-        raise ValueError(f"--cfg_scale {args.cfg_scale} needs a class-conditional model trained with label dropout, "
+        raise UsageError(f"--cfg_scale {args.cfg_scale} needs a class-conditional model trained with label dropout, "
                          "which has a null class: train it with --class_cond True --p_uncond 0.1 and sample it with "
                          "the same --p_uncond")
     return guided_model(model_fn, args.cfg_scale, null_label=args.num_classes)
@@ -93,14 +159,14 @@ def resolve_sampler(args):
     """
     sampler = args.sampler or ("ddim" if args.use_ddim else "ddpm")
     if sampler not in SAMPLERS:
-        raise ValueError(f"--sampler {args.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        raise UsageError(f"--sampler {args.sampler!r} is not one of {', '.join(SAMPLERS)}")
     if args.use_ddim and sampler != "ddim":
-        raise ValueError(f"--use_ddim True contradicts --sampler {sampler}; drop one of them")
+        raise UsageError(f"--use_ddim True contradicts --sampler {sampler}; drop one of them")
     if args.sampling_steps < 0:
-        raise ValueError(f"--sampling_steps must be positive (or 0 for the default), got {args.sampling_steps}")
+        raise UsageError(f"--sampling_steps must be positive (or 0 for the default), got {args.sampling_steps}")
     if sampler in ("ddpm", "ddim") and args.sampling_steps:
         if args.timestep_respacing:
-            raise ValueError(f"--sampling_steps {args.sampling_steps} and --timestep_respacing "
+            raise UsageError(f"--sampling_steps {args.sampling_steps} and --timestep_respacing "
                              f"{args.timestep_respacing!r} both set the steps of {sampler}; give one of them")
         args.timestep_respacing = str(args.sampling_steps)
     if sampler in SOLVERS:
@@ -118,6 +184,8 @@ def sample_loop(diffusion, sampler="ddpm", steps=DEFAULT_SOLVER_STEPS, step_sche
     if sampler == "ddim":
         return diffusion.ddim_sample_loop
     order, sde = SOLVERS[sampler]
+    with flag_errors():  # fail before any sampling when --sampling_steps or --step_schedule cannot work
+        step_timesteps(diffusion.alphas_cumprod, steps, step_schedule)
     threshold = dynamic_threshold(dynamic_threshold_percentile) if dynamic_threshold_percentile else None
 
     def loop(model, shape, clip_denoised=True, **kwargs):
@@ -254,18 +322,27 @@ def _progress_bar(total):
 # --------------------------------------------------------------------------- outputs
 
 
-def save_samples(images, labels=None, out_dir=None, grid_size=64):
+def save_samples(images, labels=None, out_dir=None, grid_size=64, class_names=None):
     """Write samples_{N}x{H}x{W}x{C}.npz (arr_0 images, arr_1 labels) and a PNG grid beside it, on rank 0.
 
-    Both files are written atomically; returns the npz path.
+    With class_names (index i names label i) the npz also holds `label_names`, the name of each
+    sample's label. Both files are written atomically; returns the npz path.
     """
     out_dir = out_dir or logger.get_dir()
     shape_str = "x".join(str(x) for x in images.shape)
     path = os.path.join(out_dir, f"samples_{shape_str}.npz")
     arrays = [images] if labels is None else [images, labels.astype(np.int64)]
-    atomic_write(path, lambda f: np.savez(f, *arrays))
+    named = {}
+    if labels is not None and class_names:
+        named["label_names"] = np.array([_label_name(class_names, i) for i in labels.tolist()])
+    atomic_write(path, lambda f: np.savez(f, *arrays, **named))
     save_image_grid(images[:grid_size], path[: -len(".npz")] + ".png")
     return path
+
+
+def _label_name(class_names, label):
+    # A label past the saved names is the null class of classifier-free guidance, or a map of another model.
+    return class_names[label] if 0 <= label < len(class_names) else f"class {label}"
 
 
 def save_image_grid(images, path, nrow=None, pad=2):

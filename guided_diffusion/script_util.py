@@ -11,6 +11,7 @@ import argparse
 from dataclasses import dataclass
 
 from . import gaussian_diffusion as gd
+from .errors import UsageError, flag_errors
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -49,8 +50,13 @@ DIFFUSION_FLAGS = FlagGroup(
     Flag("rescale_learned_sigmas", False, "use RESCALED_MSE: weight the vb term by T/1000"),
 )
 
+# Flags that the diffusion model and the classifier share (one value for both in classifier_sample.py).
+_IMAGE_SIZE = Flag("image_size", 64, "image resolution (16, 32, 64, 128, 256 or 512 with the default channel_mult)")
+_NUM_CLASSES = Flag("num_classes", NUM_CLASSES, "number of classes of a class-conditional model or classifier "
+                                                "(beyond the original)")
+
 _MODEL_FLAGS = (
-    Flag("image_size", 64, "image resolution (16, 32, 64, 128, 256 or 512 with the default channel_mult)"),
+    _IMAGE_SIZE,
     Flag("num_channels", 128, "base width of the UNet (model_channels)"),
     Flag("num_res_blocks", 2, "residual blocks per resolution"),
     Flag("num_heads", 4, "attention heads (ignored when num_head_channels is set)"),
@@ -60,7 +66,7 @@ _MODEL_FLAGS = (
     Flag("channel_mult", "", "comma-separated width multipliers per level; '' picks one from image_size"),
     Flag("dropout", 0.0, "dropout in the residual blocks"),
     Flag("class_cond", False, "class-conditional model (label embedding)"),
-    Flag("num_classes", NUM_CLASSES, "number of classes of a class-conditional model or classifier (beyond the original)"),
+    _NUM_CLASSES,
     Flag("p_uncond", 0.0, "classifier-free guidance: training replaces each label by a null class with this "
                           "probability; > 0 gives the model the null class (label num_classes), so sample such a "
                           "model with the same value (any > 0); 0: the original's layout"),
@@ -73,7 +79,7 @@ _MODEL_FLAGS = (
 MODEL_FLAGS = FlagGroup(*_MODEL_FLAGS)
 
 CLASSIFIER_FLAGS = FlagGroup(
-    Flag("image_size", 64, "image resolution"),
+    _IMAGE_SIZE,
     Flag("classifier_use_fp16", False, "run the classifier body in float16"),
     Flag("classifier_width", 128, "base width of the classifier"),
     Flag("classifier_depth", 2, "residual blocks per resolution in the classifier"),
@@ -81,7 +87,7 @@ CLASSIFIER_FLAGS = FlagGroup(
     Flag("classifier_use_scale_shift_norm", True, "AdaGN in the classifier's residual blocks"),
     Flag("classifier_resblock_updown", True, "BigGAN-style downsampling blocks in the classifier"),
     Flag("classifier_pool", "attention", "classifier head: adaptive, attention, spatial or spatial_v2"),
-    Flag("num_classes", NUM_CLASSES, "number of classes of a class-conditional model or classifier (beyond the original)"),
+    _NUM_CLASSES,
 )
 
 SR_FLAGS = FlagGroup(
@@ -94,8 +100,13 @@ RUN_FLAGS = FlagGroup(
     Flag("log_dir", "", "where logs, checkpoints and outputs go ('' : $OPENAI_LOGDIR, else a new temporary folder)"),
 )
 
+_LABEL_SOURCE = Flag("label_source", "filename", "where a labeled image's class comes from: filename (its name's "
+                                                 "prefix, 'dog_123.png', as the original) or folder (its parent "
+                                                 "folder's name, 'dog/123.png')")
+
 TRAIN_FLAGS = FlagGroup(
     Flag("data_dir", "", "folder of training images ('' : the built-in toy shapes dataset)"),
+    _LABEL_SOURCE,
     Flag("schedule_sampler", "uniform", "timestep sampler: uniform or loss-second-moment"),
     Flag("lr", 1e-4, "learning rate (AdamW)"),
     Flag("weight_decay", 0.0, "AdamW weight decay"),
@@ -115,6 +126,7 @@ TRAIN_FLAGS = FlagGroup(
 CLASSIFIER_TRAIN_FLAGS = FlagGroup(
     Flag("data_dir", "", "folder of labeled training images ('' : the built-in toy shapes dataset)"),
     Flag("val_data_dir", "", "folder of labeled validation images (with the toy dataset: a held-out toy set)"),
+    _LABEL_SOURCE,
     Flag("noised", True, "train on noised images x_t (the guidance classifier) instead of clean ones"),
     Flag("iterations", 150000, "optimizer steps in total"),
     Flag("lr", 3e-4, "learning rate (AdamW)"),
@@ -163,6 +175,7 @@ SUPER_RES_SAMPLE_FLAGS = FlagGroup(
 
 NLL_FLAGS = FlagGroup(
     Flag("data_dir", "", "folder of images to evaluate ('' : the built-in toy shapes dataset)"),
+    _LABEL_SOURCE,
     Flag("clip_denoised", True, "clip the predicted x_0 to [-1, 1]"),
     Flag("num_samples", 1000, "number of images to evaluate"),
     Flag("batch_size", 1, "images per batch on each process"),
@@ -229,7 +242,7 @@ def parse_channel_mult(channel_mult, image_size, table=CHANNEL_MULT):
     """'' -> the table's default for image_size; '1,2,2,2' or a sequence -> a tuple of numbers."""
     if channel_mult in ("", None):
         if image_size not in table:
-            raise ValueError(
+            raise UsageError(
                 f"unsupported image size: {image_size} (defaults exist for {sorted(table)}); "
                 "pass --channel_mult explicitly, e.g. '1,2,2,2'"
             )
@@ -276,6 +289,7 @@ def create_model_and_diffusion(image_size, class_cond, learn_sigma, num_channels
     return model, diffusion
 
 
+@flag_errors()  # a flag value the network cannot be built with
 def create_model(image_size, num_channels, num_res_blocks, channel_mult="", learn_sigma=False, class_cond=False,
                  use_checkpoint=False, attention_resolutions="16", num_heads=1, num_head_channels=-1,
                  num_heads_upsample=-1, use_scale_shift_norm=False, dropout=0, resblock_updown=False,
@@ -308,10 +322,10 @@ def create_model(image_size, num_channels, num_res_blocks, channel_mult="", lear
 def label_embeddings(class_cond, num_classes, p_uncond=0.0):
     """Rows of a UNet's label embedding: None unconditional, num_classes (+ 1 null class when p_uncond > 0)."""
     if not 0 <= p_uncond < 1:
-        raise ValueError(f"--p_uncond {p_uncond} is not a probability in [0, 1)")
+        raise UsageError(f"--p_uncond {p_uncond} is not a probability in [0, 1)")
     if not class_cond:
         if p_uncond > 0:
-            raise ValueError(f"--p_uncond {p_uncond} drops labels of a class-conditional model: add --class_cond True")
+            raise UsageError(f"--p_uncond {p_uncond} drops labels of a class-conditional model: add --class_cond True")
         return None
     return num_classes + 1 if p_uncond > 0 else num_classes
 
@@ -329,6 +343,7 @@ def create_classifier_and_diffusion(image_size, classifier_use_fp16, classifier_
     return classifier, diffusion
 
 
+@flag_errors()  # a flag value the network cannot be built with
 def create_classifier(image_size, classifier_use_fp16, classifier_width, classifier_depth,
                       classifier_attention_resolutions, classifier_use_scale_shift_norm, classifier_resblock_updown,
                       classifier_pool, num_classes=NUM_CLASSES):
@@ -358,7 +373,7 @@ def _check_head_channels(width, channel_mult, attention_ds):
     widths.append(int(channel_mult[-1] * width))  # the middle block (and an attention pool) always attend
     bad = [w for w in widths if w % CLASSIFIER_HEAD_CHANNELS]
     if bad:
-        raise ValueError(
+        raise UsageError(
             f"classifier_width {width} gives {bad[0]} channels where attention runs, not a multiple of the "
             f"{CLASSIFIER_HEAD_CHANNELS} channels per head; use a classifier_width that is a multiple of 64"
         )
@@ -380,12 +395,13 @@ def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigm
     return model, diffusion
 
 
+@flag_errors()  # a flag value the network cannot be built with
 def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint,
                     attention_resolutions, num_heads, num_head_channels, num_heads_upsample, use_scale_shift_norm,
                     dropout, resblock_updown, use_fp16, num_classes=NUM_CLASSES, p_uncond=0.0):
     """A SuperResModel producing large_size images from small_size ones."""
     if small_size >= large_size:
-        raise ValueError(f"small_size ({small_size}) must be smaller than large_size ({large_size})")
+        raise UsageError(f"small_size ({small_size}) must be smaller than large_size ({large_size})")
     return SuperResModel(
         image_size=large_size,
         in_channels=3,
@@ -416,7 +432,9 @@ def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=Fals
                               use_kl=False, predict_xstart=False, rescale_timesteps=False,
                               rescale_learned_sigmas=False, timestep_respacing=""):
     """A SpacedDiffusion from flags (all steps kept when timestep_respacing is '')."""
-    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    with flag_errors(ValueError, NotImplementedError):  # an unknown schedule, an impossible respacing
+        betas = gd.get_named_beta_schedule(noise_schedule, steps)
+        use_timesteps = space_timesteps(steps, timestep_respacing or [steps])
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
     elif rescale_learned_sigmas:
@@ -428,7 +446,7 @@ def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=Fals
     else:
         var_type = gd.ModelVarType.FIXED_SMALL if sigma_small else gd.ModelVarType.FIXED_LARGE
     return SpacedDiffusion(
-        use_timesteps=space_timesteps(steps, timestep_respacing or [steps]),
+        use_timesteps=use_timesteps,
         betas=betas,
         model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
         model_var_type=var_type,
@@ -456,14 +474,34 @@ def create_from_flags(kind, flags):
 
 def add_dict_to_argparser(parser, default_dict):
     """Add a --flag for every key, typed by its default (bools take yes/no/true/false/1/0)."""
-    for k, v in default_dict.items():
-        v_type = str if v is None else str2bool if isinstance(v, bool) else type(v)
-        parser.add_argument(f"--{k}", default=v, type=v_type, help=_help_text(k, v))
+    add_flags(parser, flags_of(default_dict))
 
 
-def _help_text(name, default):
-    text = HELP.get(name, "")
-    return f"{text} (default: {default!r})" if text else f"default: {default!r}"
+def flags_of(*groups):
+    """{name: Flag} of FlagGroups and {name: default} dicts; a later group's flag replaces an earlier one's.
+
+    A dict's flags take their help text from the model, classifier and diffusion groups.
+    """
+    flags = {}
+    for group in groups:
+        if isinstance(group, dict):
+            group = [Flag(name, value, HELP.get(name, "")) for name, value in group.items()]
+        flags.update((flag.name, flag) for flag in group)
+    return flags
+
+
+def add_flags(parser, flags):
+    """Add each Flag of {name: Flag} as --name, typed by its default, its help ending with the default."""
+    for flag in flags.values():
+        value = flag.default
+        v_type = str if value is None else str2bool if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{flag.name}", default=value, type=v_type, help=help_text(flag))
+
+
+def help_text(flag):
+    """A flag's --help text: its description, then its default once ('%' escaped for argparse)."""
+    text = f"{flag.help} (default: {flag.default!r})" if flag.help else f"default: {flag.default!r}"
+    return text.replace("%", "%%")
 
 
 def args_to_dict(args, keys):

@@ -4,6 +4,8 @@ import blobfile as bf
 import numpy as np
 import torch as th
 
+from .errors import MissingFileError, UsageError, UserError
+
 
 class BaseSamples:
     """The images (and labels) of a samples npz, served as SuperResModel kwargs by global sample index.
@@ -13,18 +15,18 @@ class BaseSamples:
 
     def __init__(self, path, small_size, class_cond):
         if not path:
-            raise ValueError("--base_samples is required: the npz of low-resolution samples (from image_sample.py)")
+            raise UsageError("--base_samples is required: the npz of low-resolution samples (from image_sample.py)")
         if not bf.exists(path):
-            raise FileNotFoundError(f"--base_samples {path} does not exist")
+            raise MissingFileError(f"--base_samples {path} does not exist")
         with bf.BlobFile(path, "rb") as f, np.load(f) as obj:
             self.images = obj["arr_0"]
             self.labels = obj["arr_1"] if "arr_1" in obj else None
         expected = (small_size, small_size, 3)
         if self.images.ndim != 4 or self.images.shape[1:] != expected or self.images.dtype != np.uint8:
-            raise ValueError(f"--base_samples {path}: arr_0 must be uint8 of shape (N, {small_size}, {small_size}, 3) "
+            raise UserError(f"--base_samples {path}: arr_0 must be uint8 of shape (N, {small_size}, {small_size}, 3) "
                              f"to match --small_size {small_size}, got {self.images.dtype} {self.images.shape}")
         if class_cond and self.labels is None:
-            raise ValueError(f"--base_samples {path} has no labels (arr_1) but --class_cond is True; sample the "
+            raise UserError(f"--base_samples {path} has no labels (arr_1) but --class_cond is True; sample the "
                              "base images with a class-conditional model, or pass --class_cond False")
         self.class_cond = class_cond
 

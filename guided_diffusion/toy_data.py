@@ -17,6 +17,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from .errors import UsageError
+
 # Sorted, so that load_data's sorted-prefix numbering matches the positions.
 TOY_CLASSES = ("circle", "cross", "square", "triangle")
 
@@ -119,7 +121,7 @@ def make_toy_dataset(folder, image_size=32, num_per_class=256, seed=0,
                      classes=TOY_CLASSES):
     """Write ``num_per_class`` PNGs per class into ``folder``; return it."""
     if image_size < 8:
-        raise ValueError(f"toy images need image_size >= 8, got {image_size}")
+        raise UsageError(f"toy images need image_size >= 8, got {image_size}")
     if num_per_class < 1:
         raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
     os.makedirs(folder, exist_ok=True)

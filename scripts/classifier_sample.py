@@ -1,7 +1,7 @@
 """Sample from a diffusion model guided by a noisy classifier; save the images, their target classes and a grid."""
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import finish_sampling, parse_flags, start_run
+from guided_diffusion.cli import class_names_beside, finish_sampling, parse_flags, run, start_run
 from guided_diffusion.sampling import (classifier_cond_fn, draw_labels, generate, load_model, model_fn_from_flags,
                                        resolve_sampler, sample_loop_from_flags, sampler_description)
 from guided_diffusion.script_util import GUIDANCE_FLAGS, SAMPLE_FLAGS, classifier_defaults, model_and_diffusion_defaults
@@ -30,8 +30,8 @@ def main():
         cond_fn=classifier_cond_fn(classifier, args.classifier_scale) if args.classifier_scale else None,
         sample_fn=sample_loop_from_flags(diffusion, args), clip_denoised=args.clip_denoised, seed=args.seed,
     )
-    finish_sampling(images, labels)
+    finish_sampling(images, labels, class_names_beside(args.classifier_path, args.model_path))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,7 +1,7 @@
 """Evaluate a diffusion model's likelihood (bits/dim) on a folder of images."""
 
-from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import parse_flags, start_run, training_data_dir
+from guided_diffusion import logger
+from guided_diffusion.cli import parse_flags, run, start_run, training_data_dir
 from guided_diffusion.evaluation import run_bpd_evaluation, save_bpd_terms
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.sampling import class_conditional_model, load_model
@@ -17,7 +17,8 @@ def main():
     start_run(args, seed=args.seed)
     model, diffusion = load_model("diffusion", args, args.model_path)
     data = load_data(data_dir=training_data_dir(args.data_dir, args.image_size), batch_size=args.batch_size,
-                     image_size=args.image_size, class_cond=args.class_cond, deterministic=True)
+                     image_size=args.image_size, class_cond=args.class_cond, deterministic=True,
+                     label_source=args.label_source)
     logger.log("evaluating...")
     means, bpd, prior = run_bpd_evaluation(class_conditional_model(model, args.class_cond), diffusion, data,
                                            args.num_samples, args.clip_denoised)
@@ -26,4 +27,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,7 +1,7 @@
 """Generate a large batch of samples from a diffusion model and save them as a numpy array (and a PNG grid)."""
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import finish_sampling, parse_flags, start_run
+from guided_diffusion.cli import class_names_beside, finish_sampling, parse_flags, run, start_run
 from guided_diffusion.sampling import (draw_labels, generate, load_model, model_fn_from_flags, resolve_sampler,
                                        sample_loop_from_flags, sampler_description)
 from guided_diffusion.script_util import SAMPLE_FLAGS, model_and_diffusion_defaults
@@ -28,8 +28,8 @@ def main():
         batch_size=args.batch_size, image_shape=(3, args.image_size, args.image_size), kwargs_for=kwargs_for,
         sample_fn=sample_loop_from_flags(diffusion, args), clip_denoised=args.clip_denoised, seed=args.seed,
     )
-    finish_sampling(images, labels if args.class_cond else None)
+    finish_sampling(images, labels if args.class_cond else None, class_names_beside(args.model_path))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

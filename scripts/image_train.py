@@ -1,13 +1,14 @@
 """Train a diffusion model on images (the built-in toy shapes when --data_dir is not given)."""
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import labeled_data_dir, parse_flags, start_run, train_diffusion, training_data_dir
+from guided_diffusion.cli import (labeled_data_dir, parse_flags, run, start_run, train_diffusion,
+                                  training_data_dir)
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import TRAIN_FLAGS, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 
 
 def parse_args(argv=None):
-    return parse_flags(__doc__, TRAIN_FLAGS, model_and_diffusion_defaults(), argv=argv)
+    return parse_flags(__doc__, model_and_diffusion_defaults(), TRAIN_FLAGS, argv=argv)  # the training texts win
 
 
 def main():
@@ -17,12 +18,12 @@ def main():
     model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
     model.to(dist_util.dev())
     logger.log("creating data loader...")
-    data_dir = (labeled_data_dir(args.data_dir, args.image_size, args.num_classes) if args.class_cond
-                else training_data_dir(args.data_dir, args.image_size))
-    data = load_data(data_dir=data_dir, batch_size=args.batch_size,
-                     image_size=args.image_size, class_cond=args.class_cond)
+    data_dir = (labeled_data_dir(args.data_dir, args.image_size, args.num_classes, label_source=args.label_source)
+                if args.class_cond else training_data_dir(args.data_dir, args.image_size))
+    data = load_data(data_dir=data_dir, batch_size=args.batch_size, image_size=args.image_size,
+                     class_cond=args.class_cond, label_source=args.label_source)
     train_diffusion(args, model, diffusion, data)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,7 +1,7 @@
 """Upsample the samples of an npz (from image_sample.py) with a super-resolution diffusion model."""
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import finish_sampling, parse_flags, start_run
+from guided_diffusion.cli import class_names_beside, finish_sampling, parse_flags, run, start_run
 from guided_diffusion.sampling import (generate, load_model, model_fn_from_flags, resolve_sampler,
                                        sample_loop_from_flags, sampler_description)
 from guided_diffusion.script_util import SAMPLE_FLAGS, SUPER_RES_SAMPLE_FLAGS, sr_model_and_diffusion_defaults
@@ -26,8 +26,8 @@ def main():
         kwargs_for=lambda indices: base.model_kwargs(indices, device),
         sample_fn=sample_loop_from_flags(diffusion, args), clip_denoised=args.clip_denoised, seed=args.seed,
     )
-    finish_sampling(images, labels if args.class_cond else None)
+    finish_sampling(images, labels if args.class_cond else None, class_names_beside(args.model_path))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,7 +1,7 @@
 """Train a super-resolution diffusion model: large_size images conditioned on their small_size version."""
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import parse_flags, start_run, train_diffusion, training_data_dir
+from guided_diffusion.cli import labeled_data_dir, parse_flags, run, start_run, train_diffusion, training_data_dir
 from guided_diffusion.image_datasets import load_superres_data
 from guided_diffusion.script_util import (
     TRAIN_FLAGS,
@@ -12,7 +12,7 @@ from guided_diffusion.script_util import (
 
 
 def parse_args(argv=None):
-    return parse_flags(__doc__, TRAIN_FLAGS, sr_model_and_diffusion_defaults(), argv=argv)
+    return parse_flags(__doc__, sr_model_and_diffusion_defaults(), TRAIN_FLAGS, argv=argv)  # the training texts win
 
 
 def main():
@@ -22,10 +22,12 @@ def main():
     model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
     model.to(dist_util.dev())
     logger.log("creating data loader...")
-    data = load_superres_data(training_data_dir(args.data_dir, args.large_size), args.batch_size,
-                              large_size=args.large_size, small_size=args.small_size, class_cond=args.class_cond)
+    data_dir = (labeled_data_dir(args.data_dir, args.large_size, args.num_classes, label_source=args.label_source)
+                if args.class_cond else training_data_dir(args.data_dir, args.large_size))
+    data = load_superres_data(data_dir, args.batch_size, large_size=args.large_size, small_size=args.small_size,
+                              class_cond=args.class_cond, label_source=args.label_source)
     train_diffusion(args, model, diffusion, data)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -2,14 +2,13 @@
 guidance at several scales, and print how often the samples show their target class, how diverse they are,
 and their FID, precision and recall against held-out real images."""
 
-import argparse
-
+from guided_diffusion.cli import FlagParser, run
 from guided_diffusion.guidance_experiment import config_from_flags, run_experiment
 from guided_diffusion.sampling import SAMPLERS
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = FlagParser(description=__doc__)
     parser.add_argument("--out_dir", default="runs/toy_guidance", help="where checkpoints, grids and the table go")
     parser.add_argument("--scales", default=None,
                         help="comma-separated guidance scales (default 0,1,4,10; cfg mode: weights w 0,1,3,6)")
@@ -36,4 +35,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -65,6 +65,9 @@ CONTRACT = {
         "scale_module": "(module, scale)",
         "mean_flat": "(tensor)",
         "checkpoint": "(func, inputs, params, flag)",
+        "CheckpointFunction": None,
+        "CheckpointFunction.forward": "(ctx, run_function, length, *args)",
+        "CheckpointFunction.backward": "(ctx, *output_grads)",
     },
     "unet": {
         "UNetModel": "(image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions, dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, num_classes=None, use_checkpoint=False, use_fp16=False, num_heads=1, num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False)",
@@ -79,6 +82,9 @@ CONTRACT = {
         "AttentionBlock": "(channels, num_heads=1, num_head_channels=-1, use_checkpoint=False, use_new_attention_order=False)",
         "QKVAttention": "(n_heads)",
         "QKVAttentionLegacy": "(n_heads)",
+        "QKVAttention.count_flops": "(model, _x, y)",
+        "QKVAttentionLegacy.count_flops": "(model, _x, y)",
+        "count_flops_attn": "(model, _x, y)",
         "AttentionPool2d": "(spacial_dim, embed_dim, num_heads_channels, output_dim=None)",
         "Upsample": "(channels, use_conv, dims=2, out_channels=None)",
         "Downsample": "(channels, use_conv, dims=2, out_channels=None)",
@@ -113,6 +119,8 @@ CONTRACT = {
     "fp16_util": {
         "convert_module_to_f16": "(l)",
         "convert_module_to_f32": "(l)",
+        "check_overflow": "(value)",
+        "get_param_groups_and_shapes": "(named_model_params)",
         "MixedPrecisionTrainer": "(*, model, use_fp16=False, fp16_scale_growth=0.001, initial_lg_loss_scale=20.0, use_bf16=False)",
         "MixedPrecisionTrainer.zero_grad": "(self)",
         "MixedPrecisionTrainer.backward": "(self, loss)",
@@ -121,7 +129,7 @@ CONTRACT = {
         "MixedPrecisionTrainer.state_dict_to_master_params": "(self, state_dict)",
     },
     "image_datasets": {
-        "load_data": "(*, data_dir, batch_size, image_size, class_cond=False, deterministic=False, random_crop=False, random_flip=True)",
+        "load_data": "(*, data_dir, batch_size, image_size, class_cond=False, deterministic=False, random_crop=False, random_flip=True, label_source='filename')",
         "ImageDataset": "(resolution, image_paths, classes=None, shard=0, num_shards=1, random_crop=False, random_flip=True)",
         "center_crop_arr": "(pil_image, image_size)",
         "random_crop_arr": "(pil_image, image_size, min_crop_frac=0.8, max_crop_frac=1.0)",

@@ -12,7 +12,6 @@ from PIL import Image
 
 from guided_diffusion.evaluator import Evaluator, evaluate, format_report, make_reference_batch
 from guided_diffusion.inception import FIDInceptionV3, default_weights_path
-from guided_diffusion.metrics import FIDStatistics, precision_recall
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIVE_LINES = [r"Inception Score: (unavailable \(.*pt_inception-2015-12-05-6726825d\.pth.*\)|[0-9.e+-]+)",

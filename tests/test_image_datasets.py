@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import random
@@ -9,11 +10,17 @@ from PIL import Image
 
 from guided_diffusion import image_datasets
 from guided_diffusion.image_datasets import (
+    CLASS_NAMES_FILE,
     ImageDataset,
     _list_image_files_recursively,
     center_crop_arr,
+    class_names,
+    find_class_names,
     load_data,
+    load_superres_data,
     random_crop_arr,
+    read_class_names,
+    save_class_names,
 )
 
 
@@ -244,3 +251,138 @@ def test_error_fewer_images_than_batch(tmp_path):
     _solid(str(tmp_path / "a.png"), 5)
     with pytest.raises(ValueError, match="batch_size is 4"):
         load_data(data_dir=str(tmp_path), batch_size=4, image_size=8)
+
+
+# --- label_source="folder": the class is the parent folder's name -----------
+
+_GREY_OF_CLASS = {"bird": 40, "cat": 80, "dog": 160}
+
+
+def _nested_class_tree(root):
+    """root/a/cat/1.png, root/a/dog/2.png, root/b/dog/3.png, root/bird/x_4.png."""
+    for rel, name in [("a/cat/1.png", "cat"), ("a/dog/2.png", "dog"),
+                      ("b/dog/3.png", "dog"), ("bird/x_4.png", "bird")]:
+        _solid(os.path.join(str(root), rel), _GREY_OF_CLASS[name])
+
+
+def test_folder_class_names_are_sorted_parent_folders(tmp_path):
+    _nested_class_tree(tmp_path)
+    assert class_names(str(tmp_path), label_source="folder") == ["bird", "cat", "dog"]
+    # A trailing slash on the folder changes nothing.
+    assert class_names(str(tmp_path) + os.sep, "folder") == ["bird", "cat", "dog"]
+
+
+def test_folder_labels_follow_each_images_parent_folder(tmp_path):
+    _nested_class_tree(tmp_path)
+    data = load_data(data_dir=str(tmp_path), batch_size=4, image_size=8,
+                     class_cond=True, deterministic=True, random_flip=False,
+                     label_source="folder")
+    label_of_grey = {grey: i for i, grey in
+                     enumerate(_GREY_OF_CLASS[n] for n in ["bird", "cat", "dog"])}
+    for _ in range(2):  # two epochs, same answer
+        batch, cond = next(data)
+        greys = _grey_of(batch)
+        assert sorted(greys) == [40, 80, 160, 160]
+        assert cond["y"].dtype == torch.int64
+        assert cond["y"].tolist() == [label_of_grey[g] for g in greys]
+
+
+def test_folder_labels_through_superres_loader(tmp_path):
+    _nested_class_tree(tmp_path)
+    data = load_superres_data(str(tmp_path), 4, 8, 4, class_cond=True,
+                              label_source="folder")
+    batch, cond = next(data)
+    assert cond["low_res"].shape == (4, 3, 4, 4)
+    label_of_grey = {40: 0, 80: 1, 160: 2}
+    assert cond["y"].tolist() == [label_of_grey[g] for g in _grey_of(batch)]
+
+
+def test_filename_source_is_still_the_default_on_nested_trees(tmp_path):
+    _nested_class_tree(tmp_path)
+    (tmp_path / "a" / "cat" / "1.png").rename(tmp_path / "a" / "cat" / "cat_1.png")
+    (tmp_path / "a" / "dog" / "2.png").rename(tmp_path / "a" / "dog" / "dog_2.png")
+    (tmp_path / "b" / "dog" / "3.png").rename(tmp_path / "b" / "dog" / "dog_3.png")
+    assert class_names(str(tmp_path)) == ["cat", "dog", "x"]
+
+
+def test_error_folder_source_image_directly_in_data_dir(tmp_path):
+    _nested_class_tree(tmp_path)
+    loose = _solid(str(tmp_path / "loose.png"), 7)
+    for call in (
+        lambda: class_names(str(tmp_path), label_source="folder"),
+        lambda: load_data(data_dir=str(tmp_path), batch_size=1, image_size=8,
+                          class_cond=True, label_source="folder"),
+    ):
+        with pytest.raises(ValueError, match="--label_source filename") as info:
+            call()
+        assert loose in str(info.value)
+        assert "class folder" in str(info.value)
+    # Without class_cond no label is needed, so the folder is fine.
+    next(load_data(data_dir=str(tmp_path), batch_size=2, image_size=8,
+                   label_source="folder"))
+
+
+@pytest.mark.parametrize("bad", ["folders", "", None, "FILENAME"])
+def test_error_unknown_label_source(tmp_path, bad):
+    _nested_class_tree(tmp_path)
+    for call in (
+        lambda: load_data(data_dir=str(tmp_path), batch_size=1, image_size=8,
+                          label_source=bad),
+        lambda: class_names(str(tmp_path), label_source=bad),
+    ):
+        with pytest.raises(ValueError, match="--label_source") as info:
+            call()
+        message = str(info.value)
+        assert repr(bad) in message
+        assert "'filename'" in message and "'folder'" in message
+
+
+# --- the class map as a file ------------------------------------------------
+
+
+def test_class_names_file_round_trip(tmp_path):
+    names = ["bird", "cat", "chien_é", "猫", "dog"]
+    path = str(tmp_path / CLASS_NAMES_FILE)
+    save_class_names(names, path)
+    assert read_class_names(path) == names
+    with open(path, encoding="utf-8") as f:
+        assert json.load(f) == {"class_names": names}
+    # Overwriting leaves no temporary files behind.
+    save_class_names(["x"], path)
+    assert read_class_names(path) == ["x"]
+    assert os.listdir(tmp_path) == [CLASS_NAMES_FILE]
+
+
+def test_find_class_names_beside_a_checkpoint(tmp_path):
+    checkpoint = str(tmp_path / "run" / "model001000.pt")
+    os.makedirs(os.path.dirname(checkpoint))
+    assert find_class_names(checkpoint) is None
+    save_class_names(["cat", "dog"], os.path.join(os.path.dirname(checkpoint),
+                                                  CLASS_NAMES_FILE))
+    assert find_class_names(checkpoint) == ["cat", "dog"]
+    assert find_class_names(str(tmp_path / "elsewhere" / "model.pt")) is None
+
+
+def test_find_class_names_for_a_bare_checkpoint_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert find_class_names("model.pt") is None
+    save_class_names(["a"], CLASS_NAMES_FILE)
+    assert find_class_names("model.pt") == ["a"]
+
+
+@pytest.mark.parametrize("content", [
+    b"{not json",
+    b"[1, 2]",
+    b'{"names": ["a"]}',
+    b'{"class_names": "cat"}',
+    b'{"class_names": ["a", 3]}',
+    b"\xff\xfe\x00",
+])
+def test_error_corrupt_class_names_file(tmp_path, content):
+    path = tmp_path / CLASS_NAMES_FILE
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        read_class_names(str(path))
+    assert str(path) in str(info.value)
+    with pytest.raises(ValueError, match=CLASS_NAMES_FILE):
+        find_class_names(str(tmp_path / "model.pt"))

@@ -6,7 +6,6 @@ passed as command-line strings to the script that samples it, exactly as the REA
 
 import importlib.util
 import json
-import os
 import pathlib
 
 import pytest
