@@ -104,7 +104,10 @@ def start_run(args, seed=-1):
     initial weights), numpy's and Python's get seed + rank (timestep draws, flips).
     """
     dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None)
+    try:
+        logger.configure(dir=args.log_dir or None)
+    except OSError as exc:  # a folder that cannot be created or written
+        raise UsageError(f"cannot write the logs to --log_dir {args.log_dir!r} ({exc}); pick another folder") from exc
     if seed is not None and seed >= 0:
         import random
 

@@ -179,7 +179,11 @@ def _extension_text():
 
 def _list_image_files_recursively(data_dir):
     results = []
-    for entry in sorted(bf.listdir(data_dir)):
+    try:
+        entries = sorted(bf.listdir(data_dir))
+    except OSError as exc:  # no permission, a folder removed while listing
+        raise UserError(f"cannot list the data folder {data_dir!r} ({exc}); check its permissions") from exc
+    for entry in entries:
         full_path = bf.join(data_dir, entry)
         ext = entry.split(".")[-1]
         if "." in entry and ext.lower() in IMAGE_EXTENSIONS:

@@ -72,6 +72,12 @@ def test_missing_data_folder(tmp_path):
     assert_clean_error(result, 1, "nowhere", "does not exist")
 
 
+def test_unwritable_log_dir(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = run_script("scripts/image_train.py", ["--log_dir", str(tmp_path / "a_file" / "logs")], tmp_path)
+    assert_clean_error(result, 2, "--log_dir", "a_file")
+
+
 def test_corrupt_image_is_named(tmp_path):
     data = tmp_path / "images"
     data.mkdir()
