@@ -120,6 +120,22 @@ def start_run(args, seed=-1):
         logger.log(f"devices: {dist_util.get_world_size()} process(es), this one on {dist_util.dev()}")
 
 
+def compile_if_asked(model, args, backend="inductor"):
+    """model.compile() in place (state-dict keys unchanged) when --compile is set. A compilation that
+    fails at the first call runs eagerly instead; a torch without a working compiler logs one line."""
+    if not getattr(args, "compile", False):
+        return model
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True  # fall back to eager, function by function
+        model.compile(backend=backend)
+        logger.log(f"torch.compile ({backend}): {type(model).__name__} compiles on its first call")
+    except Exception as exc:  # no dynamo on this platform or Python version
+        logger.log(f"torch.compile is not available here ({type(exc).__name__}: {exc}); running eagerly")
+    return model
+
+
 def finish_sampling(images, labels=None, class_names=None):
     """Save the samples on rank 0 (npz and PNG grid; with class_names, the names of the labels too), wait
     for every rank, and log the path last."""

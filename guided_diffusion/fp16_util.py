@@ -163,7 +163,8 @@ class MixedPrecisionTrainer:
         return th.autocast(device_type=device_type, dtype=th.bfloat16, enabled=self.use_bf16)
 
     def zero_grad(self):
-        zero_grad(self.model_params)
+        # Freed rather than zeroed: backward then writes the gradients instead of adding to zeros.
+        zero_master_grads(self.model_params)
 
     def backward(self, loss):
         if self.use_fp16:
@@ -204,8 +205,8 @@ class MixedPrecisionTrainer:
     def _compute_norms(self, grad_scale=1.0):
         """Global L2 norms of the gradients (unscaled) and parameters, with one device sync."""
         with th.no_grad():
-            params = [th.linalg.vector_norm(p, dtype=th.float32) for p in self.master_params]
-            grads = [th.linalg.vector_norm(p.grad, dtype=th.float32) for p in self.master_params if p.grad is not None]
+            params = th._foreach_norm(self.master_params)  # one kernel loop, not one call per tensor
+            grads = th._foreach_norm([p.grad for p in self.master_params if p.grad is not None])
             param_norm = th.stack(params).double().square().sum().sqrt()
             grad_norm = th.stack(grads).double().square().sum().sqrt() if grads else th.zeros((), dtype=th.float64)
             grad_norm, param_norm = th.stack([grad_norm, param_norm.to(grad_norm.device)]).tolist()

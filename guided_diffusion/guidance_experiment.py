@@ -183,7 +183,8 @@ def judge_outputs(judge, images):
     Inception. FID, precision and recall are measured in them.
     """
     captured = []
-    hook = judge.out[-1].attention.register_forward_hook(lambda module, args, out: captured.append(out[:, :, 0].float()))
+    pool = judge.out[-1]
+    hook = pool.register_forward_hook(lambda module, args, out: captured.append(pool.pooled(args[0]).float()))
     x = th.from_numpy(images).float().div(127.5).sub(1).permute(0, 3, 1, 2)
     try:
         with th.no_grad():

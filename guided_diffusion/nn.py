@@ -49,9 +49,10 @@ def avg_pool_nd(dims, *args, **kwargs):
 
 @th.no_grad()
 def update_ema(target_params, source_params, rate=0.99):
-    """target <- rate * target + (1 - rate) * source, in place."""
-    for targ, src in zip(target_params, source_params):
-        targ.mul_(rate).add_(src, alpha=1 - rate)
+    """target <- rate * target + (1 - rate) * source, in place (one fused loop over all tensors)."""
+    targets, sources = list(target_params), list(source_params)
+    th._foreach_mul_(targets, rate)
+    th._foreach_add_(targets, sources, alpha=1 - rate)
 
 
 @th.no_grad()
@@ -87,8 +88,8 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     cosine half first and the sine half second; frequencies max_period^(-i/half).
     """
     half = dim // 2
-    exponents = th.arange(half, dtype=th.float32, device=timesteps.device) / half
-    freqs = th.exp(-math.log(max_period) * exponents)  # (half,)
+    # In the original's order of operations (scale, then divide): the same float32 rounding.
+    freqs = th.exp(-math.log(max_period) * th.arange(half, dtype=th.float32, device=timesteps.device) / half)
     args = timesteps[:, None].float() * freqs[None]  # (N, half)
     embedding = th.cat([th.cos(args), th.sin(args)], dim=-1)
     if dim % 2:

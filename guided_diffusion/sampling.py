@@ -44,7 +44,9 @@ def load_model(kind, args, path, path_flag="model_path"):
     model.to(dist_util.dev())
     if flags[MODEL_KINDS[kind][2]]:
         model.convert_to_fp16()
-    return model.eval(), diffusion
+    from .cli import compile_if_asked
+
+    return compile_if_asked(model.eval(), args), diffusion
 
 
 # Flags that leave a network's layout and function alone: given on the command line, they still let a

@@ -25,26 +25,21 @@ from .nn import (
     zero_module,
 )
 
-# How attention is computed: "sdpa" (torch's fused scaled_dot_product_attention),
-# "einsum" (the explicit softmax(QK^T)V of the original; same function), or "auto":
-# sdpa on GPUs and when gradients are needed, einsum for CPU inference, where
-# benchmarks/unet_speed.py measured the fused CPU kernel about 1.2x slower.
+# How attention is computed: "sdpa" (torch's fused scaled_dot_product_attention) or "einsum"
+# (the original's explicit softmax(QK^T)V, which materialises the T x T weights; the same
+# function). "auto" is sdpa: with the channels of each head contiguous, the fused kernel
+# runs 1.1-3.5x faster than einsum on a CPU (more at more tokens, forward and backward;
+# benchmarks/unet_speed.py) and stores no T x T weights for backward.
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "einsum")
 _attention_impl = "auto"
 
 
 def set_attention_implementation(name):
-    """Choose "auto" (default), "sdpa" or "einsum" for every attention layer."""
+    """Choose "auto" (default, = sdpa), "sdpa" or "einsum" (the original's arithmetic) for every attention layer."""
     global _attention_impl
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {name!r}; use one of {ATTENTION_IMPLEMENTATIONS}")
     _attention_impl = name
-
-
-def _use_sdpa(q):
-    if _attention_impl == "auto":
-        return q.is_cuda or th.is_grad_enabled()
-    return _attention_impl == "sdpa"
 
 
 # --------------------------------------------------------------------------- blocks
@@ -154,22 +149,22 @@ class ResBlock(TimestepBlock):
         return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
 
     def _forward(self, x, emb):
-        if self.updown:
-            # Resample between the activation and the convolution, on both paths.
-            h = self.h_upd(self.in_layers[:-1](x))
-            x = self.x_upd(x)
-            h = self.in_layers[-1](h)
-        else:
-            h = self.in_layers(x)
+        # The layers are unpacked rather than sliced: slicing an nn.Sequential builds a new
+        # module on every call, which costs more than the small layers themselves.
+        in_norm, in_act, in_conv = self.in_layers
+        out_norm, out_act, out_dropout, out_conv = self.out_layers
+        h = in_act(in_norm(x))
+        if self.updown:  # resample between the activation and the convolution, on both paths
+            h, x = self.h_upd(h), self.x_upd(x)
+        h = in_conv(h)
         emb_out = self.emb_layers(emb).type(h.dtype)
         emb_out = emb_out.reshape(emb_out.shape + (1,) * (h.ndim - emb_out.ndim))  # (N, C, 1, 1)
         if self.use_scale_shift_norm:
             scale, shift = th.chunk(emb_out, 2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[1:](h)
+            h = out_norm(h) * (1 + scale) + shift
         else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+            h = out_norm(h + emb_out)
+        return self.skip_connection(x) + out_conv(out_dropout(out_act(h)))
 
 
 def _resamplers(channels, dims, up, down):
@@ -218,24 +213,32 @@ class AttentionBlock(nn.Module):
     def _forward(self, x):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)  # (N, C, T)
-        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        return (x + h).reshape(b, c, *spatial)
+        tokens = self.norm(x).transpose(1, 2)  # (N, T, C), a view
+        # The 1x1 convolutions as matrix products over tokens (same parameters, same function):
+        # convolutions with kernel 1 take a slow path on CPUs, and this layout keeps each
+        # head's channels contiguous, which the fused attention kernel needs.
+        h = self.attention.forward_tokens(pointwise(tokens, self.qkv))  # (N, T, C)
+        return (x + pointwise(h, self.proj_out).transpose(1, 2)).reshape(b, c, *spatial)
+
+
+def pointwise(tokens, conv):
+    """A kernel-1 Conv1d applied to (N, T, C_in) tokens: (N, T, C_out)."""
+    return F.linear(tokens, conv.weight.squeeze(-1), conv.bias)
 
 
 def attention(q, k, v):
-    """softmax(q^T k / sqrt(ch)) applied to v, per batch-head: (B, ch, T) each -> (B, ch, T).
+    """softmax(q k^T / sqrt(ch)) v per head: q (N, H, T, ch), k and v (N, H, S, ch) -> (N, H, T, ch).
 
-    The einsum path scales q and k by ch^(-1/4) each before the product and takes
-    the softmax in float32, as the original does for fp16 stability; the sdpa path
-    lets the fused kernel do the same scaling.
+    sdpa: torch's fused kernel (flash attention on CPUs and GPUs when each head's channels
+    are contiguous, which the token layout gives). einsum: the original's arithmetic, q and
+    k scaled by ch^(-1/4) each and the T x S weights normalised in float32 (fp16 stability).
     """
-    if _use_sdpa(q):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2)
-    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
-    weight = th.einsum("bct,bcs->bts", q * scale, k * scale)  # (B, T, S)
+    if _attention_impl != "einsum":
+        return F.scaled_dot_product_attention(q, k, v)
+    scale = 1 / math.sqrt(math.sqrt(q.shape[-1]))
+    weight = th.einsum("nhtc,nhsc->nhts", q * scale, k * scale)  # (N, H, T, S)
     weight = th.softmax(weight.float(), dim=-1).type(weight.dtype)
-    return th.einsum("bts,bcs->bct", weight, v)
+    return th.einsum("nhts,nhsc->nhtc", weight, v)
 
 
 def count_flops_attn(model, _x, y):
@@ -255,7 +258,11 @@ def count_flops_attn(model, _x, y):
 
 
 class _QKVAttentionBase(nn.Module):
-    """Multi-head attention on a (N, 3 * H * ch, T) qkv tensor; subclasses say how it is laid out."""
+    """Multi-head attention on qkv; subclasses say how q, k and v of each head are laid out.
+
+    forward takes the original's (N, 3 * H * ch, T) and returns (N, H * ch, T);
+    forward_tokens the same in token layout, (N, T, 3 * H * ch) -> (N, T, H * ch).
+    """
 
     def __init__(self, n_heads):
         super().__init__()
@@ -267,27 +274,31 @@ class _QKVAttentionBase(nn.Module):
         return count_flops_attn(model, _x, y)
 
     def forward(self, qkv):
-        bs, width, length = qkv.shape
+        return self.forward_tokens(qkv.transpose(1, 2).contiguous()).transpose(1, 2)
+
+    def forward_tokens(self, qkv, queries=None):
+        """Attention over (N, T, 3 * H * ch) tokens; only the first `queries` tokens query when given."""
+        bs, length, width = qkv.shape
         assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        q, k, v = self._split(qkv, ch)  # each (N * H, ch, T)
-        return attention(q, k, v).reshape(bs, -1, length)
+        q, k, v = (part.transpose(1, 2) for part in self._split(qkv, width // (3 * self.n_heads)))  # (N, H, T, ch)
+        out = attention(q[:, :, :queries] if queries else q, k, v)  # (N, H, T', ch)
+        return out.transpose(1, 2).reshape(bs, out.shape[2], -1)
 
 
 class QKVAttentionLegacy(_QKVAttentionBase):
-    """Attention on a qkv tensor laid out per head: (N, H * 3 * ch, T), heads split first."""
+    """qkv laid out per head: channel h * 3 * ch + p * ch + c is part p (q, k, v) of head h."""
 
     def _split(self, qkv, ch):
-        bs, _, length = qkv.shape
-        return qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        bs, length, _ = qkv.shape
+        return qkv.view(bs, length, self.n_heads, 3, ch).unbind(3)  # each (N, T, H, ch)
 
 
 class QKVAttention(_QKVAttentionBase):
-    """Attention on a qkv tensor laid out as (N, 3 * H * ch, T): q, k, v split first."""
+    """qkv laid out part first: channel p * H * ch + h * ch + c is part p (q, k, v) of head h."""
 
     def _split(self, qkv, ch):
-        bs, _, length = qkv.shape
-        return (part.reshape(bs * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1))
+        bs, length, _ = qkv.shape
+        return qkv.view(bs, length, 3, self.n_heads, ch).unbind(2)  # each (N, T, H, ch)
 
 
 class AttentionPool2d(nn.Module):
@@ -306,12 +317,23 @@ class AttentionPool2d(nn.Module):
         self.attention = QKVAttention(self.num_heads)
 
     def forward(self, x):
+        return pointwise(self.pooled(x), self.c_proj)  # (N, output_dim)
+
+    def pooled(self, x):
+        """The mean token after attention, before the output projection: (N, C, H, W) -> (N, C).
+
+        Only the mean token's output is used, so it alone queries (the same function as
+        attending from every position and keeping the first, at 1 / (HW + 1) of the cost).
+        """
+        tokens = self._tokens(x).transpose(1, 2)  # (N, HW + 1, C)
+        return self.attention.forward_tokens(pointwise(tokens, self.qkv_proj), queries=1)[:, 0]
+
+    def _tokens(self, x):
+        """(N, C, H, W) -> (N, C, HW + 1): the mean token first, plus the positional embedding."""
         b, c, *_ = x.shape
         x = x.reshape(b, c, -1)  # (N, C, HW)
-        x = th.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)  # (N, C, HW + 1)
-        x = x + self.positional_embedding[None].to(x.dtype)
-        x = self.c_proj(self.attention(self.qkv_proj(x)))
-        return x[:, :, 0]
+        x = th.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)
+        return x + self.positional_embedding[None].to(x.dtype)
 
 
 # --------------------------------------------------------------------------- networks

@@ -1,7 +1,8 @@
 """Train a noisy-image classifier for guidance (the built-in toy shapes when --data_dir is not given)."""
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import labeled_data_dir, parse_flags, run, schedule_sampler_from_flags, start_run
+from guided_diffusion.cli import (compile_if_asked, labeled_data_dir, parse_flags, run, schedule_sampler_from_flags,
+                                  start_run)
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import (
     CLASSIFIER_TRAIN_FLAGS,
@@ -21,7 +22,7 @@ def main():
     start_run(args, seed=args.seed)
     logger.log("creating model and diffusion...")
     model, diffusion = create_classifier_and_diffusion(**args_to_dict(args, classifier_and_diffusion_defaults().keys()))
-    model.to(dist_util.dev())
+    compile_if_asked(model.to(dist_util.dev()), args)
     logger.log("creating data loader...")
     data_dir = labeled_data_dir(args.data_dir, args.image_size, args.num_classes, label_source=args.label_source)
     data = load_data(data_dir=data_dir, batch_size=args.batch_size, image_size=args.image_size, class_cond=True,

@@ -1,7 +1,7 @@
 """Train a diffusion model on images (the built-in toy shapes when --data_dir is not given)."""
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import (labeled_data_dir, parse_flags, run, start_run, train_diffusion,
+from guided_diffusion.cli import (compile_if_asked, labeled_data_dir, parse_flags, run, start_run, train_diffusion,
                                   training_data_dir)
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import TRAIN_FLAGS, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
@@ -16,7 +16,7 @@ def main():
     start_run(args, seed=args.seed)
     logger.log("creating model and diffusion...")
     model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
-    model.to(dist_util.dev())
+    compile_if_asked(model.to(dist_util.dev()), args)
     logger.log("creating data loader...")
     data_dir = (labeled_data_dir(args.data_dir, args.image_size, args.num_classes, label_source=args.label_source)
                 if args.class_cond else training_data_dir(args.data_dir, args.image_size))

@@ -1,7 +1,8 @@
 """Train a super-resolution diffusion model: large_size images conditioned on their small_size version."""
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import labeled_data_dir, parse_flags, run, start_run, train_diffusion, training_data_dir
+from guided_diffusion.cli import (compile_if_asked, labeled_data_dir, parse_flags, run, start_run, train_diffusion,
+                                  training_data_dir)
 from guided_diffusion.image_datasets import load_superres_data
 from guided_diffusion.script_util import (
     TRAIN_FLAGS,
@@ -20,7 +21,7 @@ def main():
     start_run(args, seed=args.seed)
     logger.log("creating model...")
     model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
-    model.to(dist_util.dev())
+    compile_if_asked(model.to(dist_util.dev()), args)
     logger.log("creating data loader...")
     data_dir = (labeled_data_dir(args.data_dir, args.large_size, args.num_classes, label_source=args.label_source)
                 if args.class_cond else training_data_dir(args.data_dir, args.large_size))
