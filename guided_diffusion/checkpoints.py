@@ -137,7 +137,7 @@ def suggest_flags(found, flags, build):
     Returns {} when no match is found.
     """
     current = dict(flags)
-    current.update(_inferred_flags(found, flags))
+    current.update(shape_flags(found, flags))
     score = _distance(found, current, build)
     while score:
         scored = [(_distance(found, cand, build), i, cand) for i, cand in enumerate(_neighbours(current))]
@@ -166,7 +166,7 @@ def _distance(found, flags, build):
     return len(missing) + len(unexpected) + len(mis_shaped)
 
 
-def _inferred_flags(found, flags):
+def shape_flags(found, flags):
     """Flags that can be read directly off the checkpoint's shapes."""
     out = {}
     width = found.get("time_embed.0.weight")

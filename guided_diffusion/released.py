@@ -17,7 +17,7 @@ from types import MappingProxyType
 import torch as th
 from torch.overrides import TorchFunctionMode
 
-from .checkpoints import LAYOUT_FREE_FLAGS, _inferred_flags, layout_of, read_checkpoint, suggest_flags
+from .checkpoints import LAYOUT_FREE_FLAGS, shape_flags, layout_of, read_checkpoint, suggest_flags
 from .script_util import MODEL_KINDS, create_from_flags
 
 
@@ -138,7 +138,7 @@ def _plausible(record, layout):
     """Whether the flags readable from the shapes agree with the record's (no model is built)."""
     flags = released_flags(record)
     try:
-        inferred = _inferred_flags(layout, flags)
+        inferred = shape_flags(layout, flags)
     except (IndexError, TypeError):  # shapes of an unexpected rank
         return False
     return all(flags[k] == v for k, v in inferred.items())
