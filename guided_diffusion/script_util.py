@@ -8,7 +8,7 @@ them into typed values at their entry; the networks receive typed values.
 """
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import gaussian_diffusion as gd
 from .errors import UsageError, flag_errors
@@ -21,9 +21,36 @@ CLASSIFIER_HEAD_CHANNELS = 64  # the classifier's attention head width, fixed as
 
 @dataclass(frozen=True)
 class Flag:
+    """A command-line flag; `check(value)` returns what is wrong with a parsed value, or None."""
+
     name: str
     default: object
     help: str
+    check: object = None
+
+
+def _at_least(low, strict=False):
+    def check(value):
+        if value < low or (strict and value == low):
+            return f"must be {'above' if strict else 'at least'} {low}"
+        return None
+
+    return check
+
+
+POSITIVE, NON_NEGATIVE = _at_least(0, strict=True), _at_least(0)
+
+
+def _probability(value):
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def _ema_rates(value):
+    try:
+        rates = [float(x) for x in str(value).split(",") if x.strip()]
+    except ValueError:
+        return "must be comma-separated numbers, e.g. 0.9999 or 0.999,0.9999"
+    return None if rates and all(0 <= r < 1 for r in rates) else "must be decay rates in [0, 1), e.g. 0.9999"
 
 
 class FlagGroup:
@@ -41,7 +68,7 @@ class FlagGroup:
 
 DIFFUSION_FLAGS = FlagGroup(
     Flag("learn_sigma", False, "predict the variance too (interpolated, IDDPM Eq. 15); doubles the output channels"),
-    Flag("diffusion_steps", 1000, "number of diffusion steps T used in training"),
+    Flag("diffusion_steps", 1000, "number of diffusion steps T used in training", check=POSITIVE),
     Flag("noise_schedule", "linear", "beta schedule: linear or cosine"),
     Flag("timestep_respacing", "", "steps to keep for sampling: '' (all), '250', '10,15,20' or 'ddim25'"),
     Flag("use_kl", False, "train on the variational bound (rescaled KL) instead of MSE"),
@@ -51,20 +78,21 @@ DIFFUSION_FLAGS = FlagGroup(
 )
 
 # Flags that the diffusion model and the classifier share (one value for both in classifier_sample.py).
-_IMAGE_SIZE = Flag("image_size", 64, "image resolution (16, 32, 64, 128, 256 or 512 with the default channel_mult)")
+_IMAGE_SIZE = Flag("image_size", 64, "image resolution (16, 32, 64, 128, 256 or 512 with the default channel_mult)",
+                   check=POSITIVE)
 _NUM_CLASSES = Flag("num_classes", NUM_CLASSES, "number of classes of a class-conditional model or classifier "
-                                                "(beyond the original)")
+                                                "(beyond the original)", check=POSITIVE)
 
 _MODEL_FLAGS = (
     _IMAGE_SIZE,
-    Flag("num_channels", 128, "base width of the UNet (model_channels)"),
-    Flag("num_res_blocks", 2, "residual blocks per resolution"),
+    Flag("num_channels", 128, "base width of the UNet (model_channels)", check=POSITIVE),
+    Flag("num_res_blocks", 2, "residual blocks per resolution", check=POSITIVE),
     Flag("num_heads", 4, "attention heads (ignored when num_head_channels is set)"),
     Flag("num_heads_upsample", -1, "attention heads in the decoder; -1 means num_heads"),
     Flag("num_head_channels", -1, "channels per attention head; -1 means use num_heads"),
     Flag("attention_resolutions", "16,8", "comma-separated resolutions (in pixels) that get attention"),
     Flag("channel_mult", "", "comma-separated width multipliers per level; '' picks one from image_size"),
-    Flag("dropout", 0.0, "dropout in the residual blocks"),
+    Flag("dropout", 0.0, "dropout in the residual blocks", check=_probability),
     Flag("class_cond", False, "class-conditional model (label embedding)"),
     _NUM_CLASSES,
     Flag("p_uncond", 0.0, "classifier-free guidance: training replaces each label by a null class with this "
@@ -81,8 +109,8 @@ MODEL_FLAGS = FlagGroup(*_MODEL_FLAGS)
 CLASSIFIER_FLAGS = FlagGroup(
     _IMAGE_SIZE,
     Flag("classifier_use_fp16", False, "run the classifier body in float16"),
-    Flag("classifier_width", 128, "base width of the classifier"),
-    Flag("classifier_depth", 2, "residual blocks per resolution in the classifier"),
+    Flag("classifier_width", 128, "base width of the classifier", check=POSITIVE),
+    Flag("classifier_depth", 2, "residual blocks per resolution in the classifier", check=POSITIVE),
     Flag("classifier_attention_resolutions", "32,16,8", "resolutions (in pixels) with attention in the classifier"),
     Flag("classifier_use_scale_shift_norm", True, "AdaGN in the classifier's residual blocks"),
     Flag("classifier_resblock_updown", True, "BigGAN-style downsampling blocks in the classifier"),
@@ -91,8 +119,8 @@ CLASSIFIER_FLAGS = FlagGroup(
 )
 
 SR_FLAGS = FlagGroup(
-    Flag("large_size", 256, "output resolution of the super-resolution model"),
-    Flag("small_size", 64, "input (low) resolution of the super-resolution model"),
+    Flag("large_size", 256, "output resolution of the super-resolution model", check=POSITIVE),
+    Flag("small_size", 64, "input (low) resolution of the super-resolution model", check=POSITIVE),
 )
 
 # Flags of the training scripts (the original's names and defaults), and ours beyond them.
@@ -110,14 +138,14 @@ TRAIN_FLAGS = FlagGroup(
     Flag("data_dir", "", "folder of training images ('' : the built-in toy shapes dataset)"),
     _LABEL_SOURCE,
     Flag("schedule_sampler", "uniform", "timestep sampler: uniform or loss-second-moment"),
-    Flag("lr", 1e-4, "learning rate (AdamW)"),
-    Flag("weight_decay", 0.0, "AdamW weight decay"),
-    Flag("lr_anneal_steps", 0, "anneal the learning rate to 0 over this many steps, then stop (0: train until stopped)"),
-    Flag("batch_size", 1, "images per step on each process"),
+    Flag("lr", 1e-4, "learning rate (AdamW)", check=NON_NEGATIVE),
+    Flag("weight_decay", 0.0, "AdamW weight decay", check=NON_NEGATIVE),
+    Flag("lr_anneal_steps", 0, "anneal the learning rate to 0 over this many steps, then stop (0: train until stopped)", check=NON_NEGATIVE),
+    Flag("batch_size", 1, "images per step on each process", check=POSITIVE),
     Flag("microbatch", -1, "images per forward pass; -1 disables gradient accumulation"),
-    Flag("ema_rate", "0.9999", "comma-separated EMA decay rates, one ema_*.pt file each"),
-    Flag("log_interval", 10, "steps between log dumps"),
-    Flag("save_interval", 10000, "steps between checkpoints"),
+    Flag("ema_rate", "0.9999", "comma-separated EMA decay rates, one ema_*.pt file each", check=_ema_rates),
+    Flag("log_interval", 10, "steps between log dumps", check=POSITIVE),
+    Flag("save_interval", 10000, "steps between checkpoints", check=POSITIVE),
     Flag("resume_checkpoint", "", "modelNNNNNN.pt to resume from (its ema_* and opt files are found beside it)"),
     Flag("use_fp16", False, "train in float16 with a float32 master copy and dynamic loss scaling"),
     Flag("fp16_scale_growth", 1e-3, "log2 growth of the fp16 loss scale per step"),
@@ -130,25 +158,25 @@ CLASSIFIER_TRAIN_FLAGS = FlagGroup(
     Flag("val_data_dir", "", "folder of labeled validation images (with the toy dataset: a held-out toy set)"),
     _LABEL_SOURCE,
     Flag("noised", True, "train on noised images x_t (the guidance classifier) instead of clean ones"),
-    Flag("iterations", 150000, "optimizer steps in total"),
-    Flag("lr", 3e-4, "learning rate (AdamW)"),
-    Flag("weight_decay", 0.0, "AdamW weight decay"),
+    Flag("iterations", 150000, "optimizer steps in total", check=NON_NEGATIVE),
+    Flag("lr", 3e-4, "learning rate (AdamW)", check=NON_NEGATIVE),
+    Flag("weight_decay", 0.0, "AdamW weight decay", check=NON_NEGATIVE),
     Flag("anneal_lr", False, "anneal the learning rate linearly to 0 over the iterations"),
-    Flag("batch_size", 4, "images per step on each process"),
+    Flag("batch_size", 4, "images per step on each process", check=POSITIVE),
     Flag("microbatch", -1, "images per forward pass; -1 disables gradient accumulation"),
     Flag("schedule_sampler", "uniform", "timestep sampler for the noise levels"),
     Flag("resume_checkpoint", "", "modelNNNNNN.pt to resume from (its opt file is found beside it)"),
-    Flag("log_interval", 10, "steps between log dumps"),
-    Flag("eval_interval", 5, "steps between validation batches"),
-    Flag("save_interval", 10000, "steps between checkpoints"),
+    Flag("log_interval", 10, "steps between log dumps", check=POSITIVE),
+    Flag("eval_interval", 5, "steps between validation batches", check=POSITIVE),
+    Flag("save_interval", 10000, "steps between checkpoints", check=POSITIVE),
     Flag("use_bf16", False, "train under bfloat16 autocast"),
     Flag("seed", -1, "seed the run's random number generators (-1: unseeded)"),
 )
 
 SAMPLE_FLAGS = FlagGroup(
     Flag("clip_denoised", True, "clip the predicted x_0 to [-1, 1] at every step"),
-    Flag("num_samples", 10000, "number of images to generate (over all processes)"),
-    Flag("batch_size", 16, "images per batch on each process"),
+    Flag("num_samples", 10000, "number of images to generate (over all processes)", check=POSITIVE),
+    Flag("batch_size", 16, "images per batch on each process", check=POSITIVE),
     Flag("use_ddim", False, "sample with DDIM (use with --timestep_respacing ddimN) instead of DDPM"),
     Flag("sampler", "", "ddpm, ddim, dpm++2m (DPM-Solver++ 2M, the fast one), dpm++3m or dpm++2m_sde "
                         "('' : ddim with --use_ddim True, else ddpm, as the original)"),
@@ -179,8 +207,8 @@ NLL_FLAGS = FlagGroup(
     Flag("data_dir", "", "folder of images to evaluate ('' : the built-in toy shapes dataset)"),
     _LABEL_SOURCE,
     Flag("clip_denoised", True, "clip the predicted x_0 to [-1, 1]"),
-    Flag("num_samples", 1000, "number of images to evaluate"),
-    Flag("batch_size", 1, "images per batch on each process"),
+    Flag("num_samples", 1000, "number of images to evaluate", check=POSITIVE),
+    Flag("batch_size", 1, "images per batch on each process", check=POSITIVE),
     Flag("model_path", "", "the diffusion model checkpoint"),
     Flag("seed", -1, "seed of the noise draws (-1: unseeded)"),
 )
@@ -190,7 +218,10 @@ _SR_DROPPED = ("image_size", "channel_mult", "use_new_attention_order")
 
 _ALL_GROUPS = (DIFFUSION_FLAGS, MODEL_FLAGS, CLASSIFIER_FLAGS, SR_FLAGS, RUN_FLAGS, TRAIN_FLAGS, CLASSIFIER_TRAIN_FLAGS,
                SAMPLE_FLAGS, GUIDANCE_FLAGS, SUPER_RES_SAMPLE_FLAGS, NLL_FLAGS)
-HELP = {f.name: f.help for group in reversed(_ALL_GROUPS) for f in group}
+# Each name's Flag as the model, classifier and diffusion groups define it (the first group wins):
+# defaults dicts get their help text and checks from here.
+FLAG_BY_NAME = {f.name: f for group in reversed(_ALL_GROUPS) for f in group}
+HELP = {name: flag.help for name, flag in FLAG_BY_NAME.items()}
 
 # Default width multipliers per level, by image size (the original's table, plus 32 and 16).
 CHANNEL_MULT = {
@@ -482,12 +513,13 @@ def add_dict_to_argparser(parser, default_dict):
 def flags_of(*groups):
     """{name: Flag} of FlagGroups and {name: default} dicts; a later group's flag replaces an earlier one's.
 
-    A dict's flags take their help text from the model, classifier and diffusion groups.
+    A dict's flags take their help text and check from the model, classifier and diffusion groups.
     """
     flags = {}
     for group in groups:
         if isinstance(group, dict):
-            group = [Flag(name, value, HELP.get(name, "")) for name, value in group.items()]
+            group = [replace(FLAG_BY_NAME.get(name, Flag(name, value, "")), default=value)
+                     for name, value in group.items()]
         flags.update((flag.name, flag) for flag in group)
     return flags
 
@@ -497,7 +529,23 @@ def add_flags(parser, flags):
     for flag in flags.values():
         value = flag.default
         v_type = str if value is None else str2bool if isinstance(value, bool) else type(value)
-        parser.add_argument(f"--{flag.name}", default=value, type=v_type, help=help_text(flag))
+        parser.add_argument(f"--{flag.name}", default=value, type=_checked(v_type, flag.check), help=help_text(flag))
+
+
+def _checked(v_type, check):
+    """argparse type: v_type, then the flag's check; argparse names the flag in the error."""
+    if check is None:
+        return v_type
+
+    def parse(text):
+        value = v_type(text)
+        problem = check(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text!r}")
+        return value
+
+    parse.__name__ = v_type.__name__  # argparse's message for a value v_type rejects names this
+    return parse
 
 
 def help_text(flag):

@@ -62,6 +62,24 @@ def test_bad_flag_value_is_a_usage_error(tmp_path):
     assert result.stderr.startswith("usage: image_sample.py")
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["--batch_size", "0"], "--batch_size"),
+    (["--lr", "-1"], "--lr"),
+    (["--ema_rate", "0.9,abc"], "--ema_rate"),
+    (["--dropout", "1.0"], "--dropout"),
+    (["--num_channels", "0"], "--num_channels"),
+])
+def test_impossible_flag_values_are_usage_errors(argv, named):
+    with pytest.raises(UsageError, match=named):
+        parse_flags("test", su.model_and_diffusion_defaults(), su.TRAIN_FLAGS, argv=argv)
+
+
+def test_possible_flag_values_pass_their_checks():
+    args = parse_flags("test", su.model_and_diffusion_defaults(), su.TRAIN_FLAGS,
+                       argv=["--lr", "0", "--ema_rate", "0.999,0.9999", "--dropout", "0.1", "--batch_size", "1"])
+    assert args.lr == 0 and args.ema_rate == "0.999,0.9999" and args.dropout == 0.1 and args.batch_size == 1
+
+
 def test_misspelt_flag_names_the_closest_one(tmp_path):
     result = run_script("scripts/image_train.py", ["--lrr", "3"], tmp_path)
     assert_clean_error(result, 2, "--lrr", "did you mean --lr")
