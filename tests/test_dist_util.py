@@ -37,7 +37,3 @@ def test_load_state_dict_with_map_location_and_nested_states(tmp_path):
     assert dist_util.get_world_size() == 1 and dist_util.is_main_process()
 
 
-def test_sync_params_is_a_no_op_alone():
-    p = th.nn.Parameter(th.arange(3.0))
-    dist_util.sync_params([p])
-    assert p.tolist() == [0.0, 1.0, 2.0]

@@ -342,12 +342,6 @@ def test_progress_bar(capsys):
     assert "5/5" in capsys.readouterr().err
 
 
-def test_device_comes_from_the_noise():
-    d = make_diffusion(steps=3, schedule="cosine")
-    out = d.p_sample_loop(smooth_eps_model, SHAPE, noise=th.randn(SHAPE, dtype=th.float32))
-    assert out.device.type == "cpu" and out.shape == SHAPE
-
-
 # ---------------------------------------------------------------- guidance
 
 

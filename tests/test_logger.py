@@ -205,12 +205,20 @@ def test_profile_accumulates_wait_time(tmp_path):
     assert set(logger.getkvs()) == {"wait_step"}
 
 
-def test_aliases_and_levels():
-    assert logger.record_tabular is logger.logkv
-    assert logger.dump_tabular is logger.dumpkvs
-    assert (logger.DEBUG, logger.INFO, logger.WARN, logger.ERROR, logger.DISABLED) == (
-        10, 20, 30, 40, 50,
-    )
+def test_levels_filter_messages_and_the_original_aliases_log(tmp_path, capsys):
+    logger.configure(dir=str(tmp_path), format_strs=["stdout"])
+    try:
+        logger.set_level(logger.ERROR)
+        logger.warn("quiet warning")
+        logger.error("loud error")
+        logger.set_level(logger.DEBUG)
+        logger.debug("now visible")
+        logger.record_tabular("k", 3)  # the original's names for logkv and dumpkvs
+        assert logger.dump_tabular() == {"k": 3}
+    finally:
+        logger.reset()
+    out = capsys.readouterr().out
+    assert "quiet warning" not in out and "loud error" in out and "now visible" in out
 
 
 class FakeComm:
