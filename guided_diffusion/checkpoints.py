@@ -68,8 +68,13 @@ def _load(file, source):
         ) from exc
 
 
+def is_state_dict(obj):
+    """A mapping of names to tensors (what a model's state_dict() is)."""
+    return isinstance(obj, dict) and all(isinstance(v, th.Tensor) for v in obj.values())
+
+
 def check_is_state_dict(state, source="checkpoint"):
-    if not isinstance(state, dict) or not all(isinstance(v, th.Tensor) for v in state.values()):
+    if not is_state_dict(state):
         raise UserError(f"{source} is not a model state dict (a mapping of parameter names to tensors)")
     return state
 

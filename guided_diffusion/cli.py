@@ -17,7 +17,7 @@ TOY_VALIDATION_SEED = 1  # the held-out toy set: same classes, other images
 
 
 TRACEBACK_VAR = "GUIDED_DIFFUSION_TRACEBACK"  # set to 1 to see the traceback of an anticipated error too
-RANK_GRACE_S = 3.0  # how long the other ranks wait for rank 0 to report an error and end the run
+RANK_GRACE_S = 5.0  # how long the other ranks wait for rank 0 to report an error and end the run
 
 
 def run(main):

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoints import atomic_write
-from .errors import UserError
+from .errors import UsageError, UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 LABEL_SOURCES = ("filename", "folder")
@@ -109,7 +109,7 @@ def read_class_names(path):
 
 
 def _bad_class_names_file(path, problem):
-    return ValueError(
+    return UserError(
         f"class names file {path!r} is not a JSON object "
         f'{{"class_names": ["<class 0>", "<class 1>", ...]}} ({problem}); '
         "delete it, or rewrite it with save_class_names."
@@ -127,7 +127,7 @@ def find_class_names(checkpoint_path):
 def _check_label_source(label_source):
     if label_source not in LABEL_SOURCES:
         choices = " or ".join(repr(s) for s in LABEL_SOURCES)
-        raise UserError(
+        raise UsageError(
             f"--label_source {label_source!r} is not supported; use {choices} "
             "(the class from the '<class>_' file-name prefix, or from the "
             "image's parent folder)."

@@ -17,7 +17,7 @@ from types import MappingProxyType
 import torch as th
 from torch.overrides import TorchFunctionMode
 
-from .checkpoints import LAYOUT_FREE_FLAGS, shape_flags, layout_of, read_checkpoint, suggest_flags
+from .checkpoints import LAYOUT_FREE_FLAGS, is_state_dict, layout_of, read_checkpoint, shape_flags, suggest_flags
 from .script_util import MODEL_KINDS, create_from_flags
 
 
@@ -161,13 +161,9 @@ def checkpoint_kind(obj):
     """"diffusion", "super_res", "classifier", "optimizer" or "unknown", for a loaded checkpoint object."""
     if isinstance(obj, dict) and isinstance(obj.get("state"), dict) and isinstance(obj.get("param_groups"), list):
         return "optimizer"  # an optimizer's state_dict(); TrainLoop may add lg_loss_scale
-    if not _is_state_dict(obj):
+    if not is_state_dict(obj) or not obj:
         return "unknown"
     return layout_kind(layout_of(obj))
-
-
-def _is_state_dict(obj):
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, th.Tensor) for v in obj.values())
 
 
 def layout_kind(layout):
@@ -199,7 +195,7 @@ def describe_state(obj, name):
     out = {"file": name, "kind": kind, "what": KIND_NAMES[kind], **_origin(os.path.basename(name))}
     if kind == "optimizer":
         out.update(_optimizer_summary(obj))
-    elif _is_state_dict(obj):
+    elif is_state_dict(obj) and obj:
         out.update(_tensor_summary(obj.values()))
     else:
         out["type"] = type(obj).__name__

@@ -41,6 +41,13 @@ def _at_least(low, strict=False):
 POSITIVE, NON_NEGATIVE = _at_least(0, strict=True), _at_least(0)
 
 
+def _one_of(*choices):
+    def check(value):
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
 def _probability(value):
     return None if 0 <= value < 1 else "must be in [0, 1)"
 
@@ -132,7 +139,7 @@ RUN_FLAGS = FlagGroup(
 
 _LABEL_SOURCE = Flag("label_source", "filename", "where a labeled image's class comes from: filename (its name's "
                                                  "prefix, 'dog_123.png', as the original) or folder (its parent "
-                                                 "folder's name, 'dog/123.png')")
+                                                 "folder's name, 'dog/123.png')", check=_one_of("filename", "folder"))
 
 TRAIN_FLAGS = FlagGroup(
     Flag("data_dir", "", "folder of training images ('' : the built-in toy shapes dataset)"),
@@ -221,7 +228,6 @@ _ALL_GROUPS = (DIFFUSION_FLAGS, MODEL_FLAGS, CLASSIFIER_FLAGS, SR_FLAGS, RUN_FLA
 # Each name's Flag as the model, classifier and diffusion groups define it (the first group wins):
 # defaults dicts get their help text and checks from here.
 FLAG_BY_NAME = {f.name: f for group in reversed(_ALL_GROUPS) for f in group}
-HELP = {name: flag.help for name, flag in FLAG_BY_NAME.items()}
 
 # Default width multipliers per level, by image size (the original's table, plus 32 and 16).
 CHANNEL_MULT = {

@@ -44,7 +44,7 @@ def test_factories_take_exactly_the_flags(defaults, factory):
 def test_every_flag_has_help():
     for group in (su.DIFFUSION_FLAGS, su.MODEL_FLAGS, su.CLASSIFIER_FLAGS, su.SR_FLAGS):
         for flag in group:
-            assert flag.help and su.HELP[flag.name]
+            assert flag.help and su.FLAG_BY_NAME[flag.name].help
 
 
 def test_channel_mult_table_and_explicit_values():
