@@ -8,13 +8,12 @@ that built the model, the flag values under which the checkpoint's layout fits.
 """
 
 import io
-import os
-import tempfile
 
 import blobfile as bf
 import torch as th
 
-from .errors import MissingFileError, UsageError, UserError
+from .errors import UsageError, UserError
+from .files import require_file
 
 # Flags that leave the state-dict layout unchanged, so a checkpoint cannot reveal them.
 LAYOUT_FREE_FLAGS = ("num_heads", "num_head_channels", "num_heads_upsample", "use_new_attention_order", "dropout",
@@ -34,6 +33,9 @@ _CANDIDATES = {
 }
 
 
+CHECKPOINT_HINT = "check --model_path / --classifier_path"
+
+
 class CheckpointMismatchError(UsageError):
     """A checkpoint whose keys or shapes do not fit the model built from the flags."""
 
@@ -45,8 +47,7 @@ def read_state_dict(path):
 
 def read_checkpoint(path):
     """Load any checkpoint (a state dict, an optimizer state) with weights_only=True, onto the CPU."""
-    if not bf.exists(path):
-        raise MissingFileError(f"checkpoint not found: {path} (check --model_path / --classifier_path)")
+    require_file(path, "checkpoint", CHECKPOINT_HINT)
     if "://" not in path:
         return _load(path, source=path)
     with bf.BlobFile(path, "rb") as f:
@@ -203,33 +204,3 @@ def _null_class_flags(rows, flags):
     if rows == flags["num_classes"]:
         return {"p_uncond": 0.0}
     return {}
-
-
-def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it into place.
-
-    A run killed midway leaves at most a stray temporary file, never a truncated
-    `path`. Remote (blobfile URL) paths are written directly: their upload only
-    becomes visible when complete.
-    """
-    if "://" in path:
-        with bf.BlobFile(path, "wb") as f:
-            write(f)
-        return
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_state_dict(state, path):
-    """torch.save `state` to `path` atomically (see atomic_write)."""
-    atomic_write(path, lambda f: th.save(state, f))

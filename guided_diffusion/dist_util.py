@@ -13,8 +13,9 @@ import sys
 import torch as th
 import torch.distributed as dist
 
-from .checkpoints import checkpoint_from_bytes, read_checkpoint
+from .checkpoints import CHECKPOINT_HINT, checkpoint_from_bytes, read_checkpoint
 from .errors import MissingFileError, UserError
+from .files import read_bytes
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -163,7 +164,7 @@ def _broadcast_checkpoint(path):
     state, payload, error = None, None, None
     if get_rank() == 0:
         try:
-            data = _read_bytes(path)
+            data = read_bytes(path, "checkpoint", CHECKPOINT_HINT)
             state = checkpoint_from_bytes(data, source=path)
             payload = th.frombuffer(bytearray(data), dtype=th.uint8)
         except (OSError, ValueError) as exc:
@@ -179,15 +180,6 @@ def _broadcast_checkpoint(path):
         payload = th.empty(int(size.item()), dtype=th.uint8)
     dist.broadcast(payload, 0)
     return state if state is not None else checkpoint_from_bytes(payload.numpy().tobytes(), source=path)
-
-
-def _read_bytes(path):
-    import blobfile as bf
-
-    if not bf.exists(path):
-        raise MissingFileError(f"checkpoint not found: {path} (check --model_path / --classifier_path)")
-    with bf.BlobFile(path, "rb") as f:
-        return f.read()
 
 
 def sync_params(params):

@@ -6,7 +6,7 @@ import numpy as np
 import torch.distributed as dist
 
 from . import dist_util, logger
-from .checkpoints import atomic_write
+from .files import atomic_write
 
 BPD_TERMS = ("vb", "mse", "xstart_mse")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch as th
 
-from .checkpoints import atomic_write
+from .files import atomic_write
 from .errors import MissingFileError, UserError
 from .inception import load_inception, preprocess
 from .metrics import FIDStatistics, compute_statistics, inception_score, precision_recall

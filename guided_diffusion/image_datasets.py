@@ -27,7 +27,7 @@ from PIL import Image
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoints import atomic_write
+from .files import atomic_write
 from .errors import UsageError, UserError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")

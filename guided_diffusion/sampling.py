@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from . import dist_util, logger
 from .cfg import guided_model, has_null_class
-from .checkpoints import CheckpointMismatchError, atomic_write, layout_of, load_model_state
+from .checkpoints import CheckpointMismatchError, layout_of, load_model_state
+from .files import atomic_write
 from .dpm_solver import SOLVERS, dpm_solver_sample_loop, dynamic_threshold, step_timesteps
 from .errors import UsageError, flag_errors
 from .script_util import MODEL_KINDS, args_to_dict, create_from_flags

@@ -20,7 +20,8 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from . import dist_util, logger
-from .checkpoints import load_model_state, save_state_dict
+from .checkpoints import load_model_state
+from .files import save_torch
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
@@ -87,7 +88,7 @@ class _Loop:
         if dist_util.is_main_process():
             for filename, state in files.items():
                 logger.log(f"saving {filename}...")
-                save_state_dict(state, bf.join(get_blob_logdir(), filename))
+                save_torch(state, bf.join(get_blob_logdir(), filename))
         dist_util.barrier()
 
     def _set_lr(self, frac_done):

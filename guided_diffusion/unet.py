@@ -8,6 +8,7 @@ timestep embedding `emb` is (N, 4 * model_channels).
 
 import math
 from abc import abstractmethod
+from dataclasses import dataclass
 
 import torch as th
 import torch.nn as nn
@@ -337,6 +338,39 @@ class AttentionPool2d(nn.Module):
 
 
 # --------------------------------------------------------------------------- networks
+
+
+@dataclass(frozen=True)
+class UNetSettings:
+    """Everything that shapes a UNet, a super-resolution UNet or an encoder, as typed values.
+
+    Field names are the networks' constructor parameters. attention_resolutions are
+    downsample rates (1, 2, 4, ...), channel_mult a tuple; num_classes and
+    num_heads_upsample matter to the UNets only, pool to the encoder only.
+    attention_impl picks this model's attention kernel (None: the module default).
+    """
+
+    image_size: int
+    in_channels: int
+    model_channels: int
+    out_channels: int
+    num_res_blocks: int
+    attention_resolutions: tuple = ()
+    dropout: float = 0.0
+    channel_mult: tuple = (1, 2, 4, 8)
+    conv_resample: bool = True
+    dims: int = 2
+    num_classes: int = None
+    use_checkpoint: bool = False
+    use_fp16: bool = False
+    num_heads: int = 1
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = False
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
+    pool: str = "adaptive"
+    attention_impl: str = None
 
 
 class _NetworkMixin:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion import checkpoints, logger
+from guided_diffusion import checkpoints, files, logger
 from guided_diffusion import script_util as su
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.resample import LossSecondMomentResampler
@@ -193,7 +193,7 @@ def test_interrupted_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypat
 
     monkeypatch.setattr(checkpoints.th, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        checkpoints.save_state_dict({"w": th.zeros(3)}, str(target))
+        files.save_torch({"w": th.zeros(3)}, str(target))
     assert target.read_bytes() == b"previous complete file"
     assert [p.name for p in tmp_path.iterdir()] == ["model000007.pt"]  # no temporary file left behind
 
