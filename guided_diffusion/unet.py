@@ -373,6 +373,17 @@ class UNetSettings:
     attention_impl: str = None
 
 
+def _constructor_args(settings, cls):
+    """The settings that cls's constructor takes, by name."""
+    import inspect
+
+    for klass in cls.__mro__:  # SuperResModel passes *args on: read the UNet's parameters
+        accepted = inspect.signature(klass.__init__).parameters
+        if not any(p.kind == p.VAR_POSITIONAL for p in accepted.values()):
+            break
+    return {name: value for name, value in vars(settings).items() if name in accepted}
+
+
 class _NetworkMixin:
     """What the UNet and the encoder share: their settings, the timestep MLP, half precision."""
 
@@ -518,6 +529,11 @@ class UNetModel(_NetworkMixin, nn.Module):
             zero_module(conv_nd(dims, int(self.channel_mult[0] * model_channels), out_channels, 3, padding=1)),
         )
 
+    @classmethod
+    def from_settings(cls, settings):
+        """Build from a UNetSettings."""
+        return cls(**_constructor_args(settings, cls))
+
     def _build_output_blocks(self, builder):
         """The decoder: ResBlocks on [h, skip] concatenations, attention, upsampling."""
         blocks = nn.ModuleList([])
@@ -568,6 +584,11 @@ class SuperResModel(UNetModel):
     def __init__(self, image_size, in_channels, *args, **kwargs):
         super().__init__(image_size, in_channels * 2, *args, **kwargs)
 
+    @classmethod
+    def from_settings(cls, settings):
+        """Build from a UNetSettings."""
+        return cls(**_constructor_args(settings, cls))
+
     def forward(self, x, timesteps, low_res=None, **kwargs):
         if low_res is None:
             raise ValueError("SuperResModel needs the low-resolution image: pass low_res=(N, C, h, w)")
@@ -598,6 +619,11 @@ class EncoderUNetModel(_NetworkMixin, nn.Module):
         self.middle_block = builder.build_middle_block()
         self._feature_size = builder.feature_size
         self.out = self._build_head(builder, dims)
+
+    @classmethod
+    def from_settings(cls, settings):
+        """Build from a UNetSettings."""
+        return cls(**_constructor_args(settings, cls))
 
     def _build_head(self, builder, dims):
         ch, out_channels = builder.ch, self.out_channels
