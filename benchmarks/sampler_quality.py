@@ -14,19 +14,34 @@ target class, and FID in the judge's features against held-out real images. Writ
 import argparse
 import json
 import os
+import sys
 import time
 import warnings
 from dataclasses import replace
 
 import torch as th
 
-from guided_diffusion import script_util as su
-from guided_diffusion.guidance_experiment import (ExperimentConfig, classifier_flags, held_out_real, judge_outputs,
-                                                  load_judge, model_flags)
-from guided_diffusion.metrics import compute_statistics
-from guided_diffusion.sampling import (class_conditional_model, classifier_cond_fn, draw_labels, generate, load_model,
-                                       sample_loop)
-from guided_diffusion.toy_data import TOY_CLASSES
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from guidance_experiment import (  # noqa: E402  (the main job lives in the scripts folder, not a package)
+    ExperimentConfig,
+    classifier_flags,
+    held_out_real,
+    judge_outputs,
+    load_judge,
+    model_flags,
+)
+
+from guided_diffusion import script_util as su  # noqa: E402
+from guided_diffusion.metrics import compute_statistics  # noqa: E402
+from guided_diffusion.sampling import (  # noqa: E402
+    class_conditional_model,
+    classifier_cond_fn,
+    draw_labels,
+    generate,
+    load_model,
+    sample_loop,
+)
+from guided_diffusion.toy_data import TOY_CLASSES  # noqa: E402
 
 
 def parse_args():
@@ -61,7 +76,7 @@ def load_models(cfg, args):
 def diffusion_for(flags, sampler, nfe, step_schedule):
     """DDPM and DDIM take NFE evenly spaced steps of the schedule; the solvers pick theirs from all steps."""
     respacing = str(nfe) if sampler in ("ddpm", "ddim") else ""
-    diffusion = su._diffusion_from_flags({**flags, "timestep_respacing": respacing})
+    diffusion = su.diffusion_from_flags({**flags, "timestep_respacing": respacing})
     return diffusion, sample_loop(diffusion, sampler, steps=nfe, step_schedule=step_schedule)
 
 

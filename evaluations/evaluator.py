@@ -6,8 +6,9 @@ against a reference batch (both .npz with arr_0 uint8 N x H x W x 3), offline, i
 
 import argparse
 
-from guided_diffusion.cli import FlagParser, run
+from guided_diffusion.cli import run
 from guided_diffusion.evaluator import Evaluator, evaluate, format_report
+from guided_diffusion.flags import FlagParser
 
 
 def main(argv=None):

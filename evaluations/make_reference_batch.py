@@ -7,8 +7,9 @@ Inception pass over the references runs once.
 
 import argparse
 
-from guided_diffusion.cli import FlagParser, run
+from guided_diffusion.cli import run
 from guided_diffusion.evaluator import Evaluator, make_reference_batch
+from guided_diffusion.flags import FlagParser
 
 
 def main(argv=None):

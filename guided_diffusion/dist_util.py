@@ -1,4 +1,5 @@
-"""Process-group setup for one process, `mpiexec -n N` (mpi4py) or `torchrun`.
+"""Process-group setup for one process, `mpiexec -n N` (mpi4py) or `torchrun`, and the only place that
+knows ranks: rank and world size, gathers of uneven batches and of Python objects, checkpoint broadcast.
 
 setup_dist() always leaves torch.distributed initialised, with a world of one
 when nothing launched several processes, so code that calls collectives (as the
@@ -91,12 +92,16 @@ def dev():
     return th.device("cpu")
 
 
+def _initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
 def get_rank():
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if _initialized() else 0
 
 
 def get_world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if _initialized() else 1
 
 
 def is_main_process():
@@ -107,9 +112,12 @@ def is_main_process():
 _LAUNCHER_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
-def launch_rank():
-    """This process's rank, also before setup_dist(): from the process group, else the launcher's variables."""
-    if dist.is_initialized():
+def launch_rank(comm=None):
+    """This process's rank, also before setup_dist(): from `comm` (an mpi4py-like communicator) when
+    given, else from the process group, else from the launcher's variables."""
+    if comm is not None:
+        return comm.Get_rank() if hasattr(comm, "Get_rank") else comm.rank
+    if _initialized():
         return dist.get_rank()
     for name in _LAUNCHER_RANK_VARS:
         if os.environ.get(name, "").isdigit():
@@ -133,6 +141,50 @@ def abort_run(code):
 def barrier():
     if get_world_size() > 1:
         dist.barrier()
+
+
+def gather_rows(x):
+    """The rows of x from every rank, concatenated in rank order; ranks may hold different numbers of rows.
+
+    all_gather needs equal shapes, so each rank pads to the largest count and the padding is cut off again.
+    """
+    world = get_world_size()
+    if world == 1:
+        return x
+    count = th.tensor([x.shape[0]], dtype=th.int64, device=x.device)
+    counts = [th.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c.item()) for c in counts]
+    padded = th.cat([x, x.new_zeros((max(counts) - x.shape[0], *x.shape[1:]))])
+    gathered = [th.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return th.cat([g[:n] for g, n in zip(gathered, counts)])
+
+
+def gather_objects(obj, comm=None):
+    """Every rank's picklable `obj`, as a list in rank order ([obj] alone).
+
+    :param comm: an mpi4py-like communicator (with allgather) to use instead of torch.distributed.
+    """
+    if comm is not None:
+        if not hasattr(comm, "allgather"):
+            raise TypeError("comm must provide allgather(obj) -> list, like mpi4py")
+        return comm.allgather(obj)
+    world = get_world_size()
+    if world == 1:
+        return [obj]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def mean_over_ranks(x):
+    """The mean over ranks of a tensor that each rank holds its own value of (a copy; x is unchanged)."""
+    x = x.clone()
+    if get_world_size() > 1:
+        dist.all_reduce(x)
+        x /= get_world_size()
+    return x
 
 
 def load_state_dict(path, **kwargs):

@@ -3,21 +3,11 @@
 import os
 
 import numpy as np
-import torch.distributed as dist
 
 from . import dist_util, logger
-from .files import atomic_write
+from .files import save_npz
 
 BPD_TERMS = ("vb", "mse", "xstart_mse")
-
-
-def _mean_over_ranks(x):
-    """The mean of a tensor over ranks (each rank holding its own mean)."""
-    x = x.clone()
-    if dist_util.get_world_size() > 1:
-        dist.all_reduce(x)
-        x /= dist_util.get_world_size()
-    return x
 
 
 def run_bpd_evaluation(model, diffusion, data, num_samples, clip_denoised):
@@ -35,12 +25,13 @@ def run_bpd_evaluation(model, diffusion, data, num_samples, clip_denoised):
         model_kwargs = {k: v.to(dist_util.dev()) for k, v in model_kwargs.items()}
         metrics = diffusion.calc_bpd_loop(model, batch, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         for key in BPD_TERMS:
-            terms[key].append(_mean_over_ranks(metrics[key].mean(dim=0)).cpu().numpy())
-        totals.append(_mean_over_ranks(metrics["total_bpd"].mean()).item())
-        priors.append(_mean_over_ranks(metrics["prior_bpd"].mean()).item())
+            terms[key].append(dist_util.mean_over_ranks(metrics[key].mean(dim=0)).cpu().numpy())
+        totals.append(dist_util.mean_over_ranks(metrics["total_bpd"].mean()).item())
+        priors.append(dist_util.mean_over_ranks(metrics["prior_bpd"].mean()).item())
         num_complete += dist_util.get_world_size() * batch.shape[0]
+        vb, mse = np.mean([t.sum() for t in terms["vb"]]), np.mean([t.mean() for t in terms["mse"]])
         logger.log(f"done {num_complete} samples: bpd={np.mean(totals):.4f} prior={np.mean(priors):.4f} "
-                   f"vb={np.mean([t.sum() for t in terms['vb']]):.4f} mse={np.mean([t.mean() for t in terms['mse']]):.4f}")
+                   f"vb={vb:.4f} mse={mse:.4f}")
     means = {k: np.mean(np.stack(v), axis=0) for k, v in terms.items()}
     return means, float(np.mean(totals)), float(np.mean(priors))
 
@@ -51,7 +42,7 @@ def save_bpd_terms(means, out_dir):
     if dist_util.is_main_process():
         for name, value in means.items():
             path = os.path.join(out_dir, f"{name}_terms.npz")
-            atomic_write(path, lambda f, v=value: np.savez(f, v))
+            save_npz(path, value)
             logger.log(f"saving {name} terms to {path}")
             paths.append(path)
     dist_util.barrier()

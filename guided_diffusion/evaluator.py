@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch as th
 
-from .files import atomic_write
 from .errors import MissingFileError, UserError
+from .files import save_npz
 from .inception import load_inception, preprocess
 from .metrics import FIDStatistics, compute_statistics, inception_score, precision_recall
 
@@ -148,7 +148,7 @@ def make_reference_batch(evaluator, source, out_path, image_size=None, max_image
     stats, spatial_stats = compute_statistics(pool3), compute_statistics(spatial)
     arrays = dict(arr_0=images, mu=stats.mu, sigma=stats.sigma, mu_s=spatial_stats.mu,
                   sigma_s=spatial_stats.sigma, **{ACTIVATIONS_KEY: pool3})
-    atomic_write(out_path, lambda f: np.savez(f, **arrays))
+    save_npz(out_path, **arrays)
     return out_path
 
 

@@ -9,6 +9,10 @@ References
 Per-timestep constants are float64 numpy arrays; they are gathered into float32
 tensors (`_extract_into_tensor`) so numbers match the original implementation.
 Shapes: x is (N, C, ...) and t is (N,) of integer timestep indices.
+
+GaussianDiffusion holds the schedule, the forward process and the model's reverse
+step p(x_{t-1} | x_t); its sampling methods are the original's API over the flat
+functions of samplers.py, its bits/dim methods over those of losses.py.
 """
 
 import enum
@@ -17,9 +21,19 @@ import math
 import numpy as np
 import torch as th
 
-from .losses import discretized_gaussian_log_likelihood, normal_kl
+from .losses import prior_bpd, variational_bound_bpd, vb_terms_bpd
 from .nn import mean_flat
-
+from .samplers import (
+    _final,
+    ddim_reverse_step,
+    ddim_step,
+    ddpm_step,
+    initial_noise,
+    mean_guidance,
+    sample_ddim_progressive,
+    sample_ddpm_progressive,
+    score_guidance,
+)
 
 # --------------------------------------------------------------------------- schedules
 
@@ -91,46 +105,64 @@ def _extract_into_tensor(arr, timesteps, broadcast_shape):
     return res.expand(broadcast_shape)
 
 
-def _batch_mask(t, ndim):
-    # 1 where t != 0, else 0: no noise is added on the last reverse step. (N, 1, ...)
-    return (t != 0).float().view(-1, *([1] * (ndim - 1)))
+# --------------------------------------------------------------------------- the model's output
 
 
-def _resolve_device(model, noise, device):
-    """Device of an explicit argument, else of the noise, else of the model."""
-    if device is not None:
-        return device
-    if noise is not None:
-        return noise.device
-    params = getattr(model, "parameters", None)
-    first = next(params(), None) if callable(params) else None
-    return first.device if first is not None else th.device("cpu")
+def _split_model_output(diffusion, model_output, x):
+    """(N, 2C, ...) -> mean part and variance part when sigma is learned, else (model_output, None)."""
+    if diffusion.model_var_type not in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+        return model_output, None
+    n, c = x.shape[:2]
+    expected = (n, c * 2, *x.shape[2:])
+    if tuple(model_output.shape) != expected:
+        raise ValueError(
+            f"a model with learned sigma must output shape {expected} (2x channels), got "
+            f"{tuple(model_output.shape)}; check learn_sigma"
+        )
+    return th.split(model_output, c, dim=1)
 
 
-def _randn(shape, device, generator=None):
-    """Standard normal noise of `shape`.
-
-    generator None draws from torch's global RNG (the original's behaviour); a
-    torch.Generator draws the whole tensor from it; a list of generators, one per
-    row, draws row i from generator i, so a sample's noise does not depend on the
-    batch it is in.
-    """
-    if generator is None:
-        return th.randn(*shape, device=device)
-    if isinstance(generator, th.Generator):
-        return th.randn(*shape, generator=generator, device=generator.device).to(device)
-    if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-    rows = [th.randn(*shape[1:], generator=g, device=g.device) for g in generator]
-    return th.stack(rows).to(device)
+def _model_variance(diffusion, var_values, x, t):
+    """Variance and log variance of p(x_{t-1} | x_t), each x's shape."""
+    if diffusion.model_var_type == ModelVarType.LEARNED:
+        return th.exp(var_values), var_values
+    if diffusion.model_var_type == ModelVarType.LEARNED_RANGE:
+        # IDDPM, Eq. 15: interpolate log variance between beta_tilde and beta, v in [-1, 1].
+        min_log = _extract_into_tensor(diffusion.posterior_log_variance_clipped, t, x.shape)
+        max_log = _extract_into_tensor(np.log(diffusion.betas), t, x.shape)
+        frac = (var_values + 1) / 2
+        log_variance = frac * max_log + (1 - frac) * min_log
+        return th.exp(log_variance), log_variance
+    variance, log_variance = _fixed_variance(diffusion)
+    return _extract_into_tensor(variance, t, x.shape), _extract_into_tensor(log_variance, t, x.shape)
 
 
-def _final(progressive):
-    """Run a progressive sampling generator to its end and return its last sample."""
-    final = None
-    for final in progressive:
-        pass
-    return final["sample"]
+def _fixed_variance(diffusion):
+    """The (T,) variance and log variance of a fixed-variance model."""
+    if diffusion.model_var_type == ModelVarType.FIXED_SMALL:
+        return diffusion.posterior_variance, diffusion.posterior_log_variance_clipped
+    if diffusion.model_var_type == ModelVarType.FIXED_LARGE:
+        # beta_t, with beta_tilde_1 at t = 0 for a better decoder log-likelihood (DDPM, Sec. 3.2).
+        variance = np.append(diffusion.posterior_variance[1], diffusion.betas[1:])
+        return variance, np.log(variance)
+    raise NotImplementedError(diffusion.model_var_type)
+
+
+def _predict_xstart(diffusion, model_output, x, t):
+    """The model's x_0 prediction, whichever quantity it outputs."""
+    if diffusion.model_mean_type == ModelMeanType.PREVIOUS_X:
+        return diffusion._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output)
+    if diffusion.model_mean_type == ModelMeanType.START_X:
+        return model_output
+    if diffusion.model_mean_type == ModelMeanType.EPSILON:
+        return diffusion._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
+    raise NotImplementedError(diffusion.model_mean_type)
+
+
+def _process_xstart(x, clip_denoised, denoised_fn):
+    if denoised_fn is not None:
+        x = denoised_fn(x)
+    return x.clamp(-1, 1) if clip_denoised else x
 
 
 # --------------------------------------------------------------------------- diffusion
@@ -143,8 +175,7 @@ class GaussianDiffusion:
     :param model_mean_type: a ModelMeanType, what the model outputs.
     :param model_var_type: a ModelVarType, how the variance is chosen.
     :param loss_type: a LossType.
-    :param rescale_timesteps: pass timesteps to the model scaled to 0..1000, as
-        in DDPM, whatever the number of steps.
+    :param rescale_timesteps: pass timesteps to the model scaled to 0..1000, as in DDPM, whatever the number of steps.
     """
 
     def __init__(self, *, betas, model_mean_type, model_var_type, loss_type, rescale_timesteps=False):
@@ -152,7 +183,6 @@ class GaussianDiffusion:
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.rescale_timesteps = rescale_timesteps
-
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError("betas must be a 1-D array with every value in (0, 1]")
@@ -227,69 +257,14 @@ class GaussianDiffusion:
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
         model_output = model(x, self._scale_timesteps(t), **model_kwargs)
-        model_output, var_values = self._split_model_output(model_output, x)
-        variance, log_variance = self._model_variance(var_values, x, t)
-        pred_xstart = self._process_xstart(self._predict_xstart(model_output, x, t), clip_denoised, denoised_fn)
+        model_output, var_values = _split_model_output(self, model_output, x)
+        variance, log_variance = _model_variance(self, var_values, x, t)
+        pred_xstart = _process_xstart(_predict_xstart(self, model_output, x, t), clip_denoised, denoised_fn)
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
             mean = model_output
         else:
             mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
-
-    def _learns_sigma(self):
-        return self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
-
-    def _split_model_output(self, model_output, x):
-        """(N, 2C, ...) -> mean part and variance part when sigma is learned, else (out, None)."""
-        if not self._learns_sigma():
-            return model_output, None
-        n, c = x.shape[:2]
-        expected = (n, c * 2, *x.shape[2:])
-        if tuple(model_output.shape) != expected:
-            raise ValueError(
-                f"a model with learned sigma must output shape {expected} (2x channels), got "
-                f"{tuple(model_output.shape)}; check learn_sigma"
-            )
-        return th.split(model_output, c, dim=1)
-
-    def _model_variance(self, var_values, x, t):
-        """Variance and log variance of p(x_{t-1} | x_t), each x's shape."""
-        if self.model_var_type == ModelVarType.LEARNED:
-            return th.exp(var_values), var_values
-        if self.model_var_type == ModelVarType.LEARNED_RANGE:
-            # IDDPM, Eq. 15: interpolate log variance between beta_tilde and beta, v in [-1, 1].
-            min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-            max_log = _extract_into_tensor(np.log(self.betas), t, x.shape)
-            frac = (var_values + 1) / 2
-            log_variance = frac * max_log + (1 - frac) * min_log
-            return th.exp(log_variance), log_variance
-        variance, log_variance = self._fixed_variance()
-        return _extract_into_tensor(variance, t, x.shape), _extract_into_tensor(log_variance, t, x.shape)
-
-    def _fixed_variance(self):
-        if self.model_var_type == ModelVarType.FIXED_SMALL:
-            return self.posterior_variance, self.posterior_log_variance_clipped
-        if self.model_var_type == ModelVarType.FIXED_LARGE:
-            # beta_t, with beta_tilde_1 at t = 0 for a better decoder log-likelihood (DDPM, Sec. 3.2).
-            variance = np.append(self.posterior_variance[1], self.betas[1:])
-            return variance, np.log(variance)
-        raise NotImplementedError(self.model_var_type)
-
-    def _predict_xstart(self, model_output, x, t):
-        """The model's x_0 prediction, whichever quantity it outputs."""
-        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-            return self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output)
-        if self.model_mean_type == ModelMeanType.START_X:
-            return model_output
-        if self.model_mean_type == ModelMeanType.EPSILON:
-            return self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
-        raise NotImplementedError(self.model_mean_type)
-
-    @staticmethod
-    def _process_xstart(x, clip_denoised, denoised_fn):
-        if denoised_fn is not None:
-            x = denoised_fn(x)
-        return x.clamp(-1, 1) if clip_denoised else x
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         # Invert q_sample: x_0 = sqrt(1/alpha_bar) x_t - sqrt(1/alpha_bar - 1) eps (DDPM, Eq. 4).
@@ -319,220 +294,132 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------- guidance
 
     def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
-        """Shift the mean by variance * grad log p(y | x_t) (Sohl-Dickstein et al. 2015; ADM, Alg. 1).
-
-        cond_fn(x, t, **model_kwargs) returns that gradient, already scaled.
-        """
-        model_kwargs = {} if model_kwargs is None else model_kwargs
-        gradient = cond_fn(x, self._scale_timesteps(t), **model_kwargs)
-        return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
+        """The mean shifted by variance * grad log p(y | x_t): samplers.mean_guidance."""
+        return mean_guidance(self, cond_fn, p_mean_var, x, t, model_kwargs)
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
-        """Guide the score: eps' = eps - sqrt(1 - alpha_bar) grad log p(y | x_t) (ADM, Eq. 14; Song et al. 2021).
+        """p_mean_var with x_0 and the mean from the guided score: samplers.score_guidance."""
+        return score_guidance(self, cond_fn, p_mean_var, x, t, model_kwargs)
 
-        Returns a copy of p_mean_var with pred_xstart and mean recomputed from eps'.
-        """
-        model_kwargs = {} if model_kwargs is None else model_kwargs
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
-        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
-        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **model_kwargs)
-        out = dict(p_mean_var)
-        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
-        out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
-        return out
-
-    # ---------------------------------------------------------------- DDPM sampling
+    # ---------------------------------------------------------------- sampling (see samplers.py)
 
     def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, *,
                  generator=None):
-        """Draw x_{t-1} ~ p(x_{t-1} | x_t) (DDPM, Alg. 2). Returns dict of sample and pred_xstart.
-
-        :param generator: where the noise comes from (see _randn); beyond the original.
-        """
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
-        # Drawn before cond_fn runs, as the original, so seeded runs give the same samples.
-        noise = _randn(x.shape, x.device, generator).type(x.dtype)
-        if cond_fn is not None:
-            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        sample = out["mean"] + _batch_mask(t, x.ndim) * th.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        """Draw x_{t-1} ~ p(x_{t-1} | x_t) (DDPM, Alg. 2): samplers.ddpm_step. generator: beyond the original."""
+        return ddpm_step(self, model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+                         model_kwargs=model_kwargs, generator=generator)
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
                       model_kwargs=None, device=None, progress=False, *, generator=None):
-        """Sample from the model with DDPM ancestral sampling; returns the final (N, C, ...) batch."""
-        return _final(self.p_sample_loop_progressive(
-            model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, device=device, progress=progress, generator=generator,
-        ))
+        """Sample with DDPM; returns the final (N, C, ...) batch, the last of p_sample_loop_progressive."""
+        return _final(self.p_sample_loop_progressive(model, shape, noise, clip_denoised, denoised_fn, cond_fn,
+                                                     model_kwargs, device, progress, generator=generator))
 
     def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
                                   cond_fn=None, model_kwargs=None, device=None, progress=False, *, generator=None):
-        """Yield the output dict of p_sample at every step, from t = T-1 down to 0."""
-        def step(x, t):
-            return self.p_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                 cond_fn=cond_fn, model_kwargs=model_kwargs, generator=generator)
-
-        return self._reverse_loop(step, shape, noise, _resolve_device(model, noise, device), progress, generator)
-
-    def _reverse_loop(self, step, shape, noise, device, progress, generator):
-        """The loop shared by every sampler: start from noise, apply step(x, t) for t = T-1..0."""
-        if not isinstance(shape, (tuple, list)):
-            raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
-        x = noise if noise is not None else _randn(shape, device, generator)
-        indices = list(range(self.num_timesteps))[::-1]
-        if progress:
-            from tqdm.auto import tqdm  # lazily: only the progress bar needs it
-
-            indices = tqdm(indices)
-        for i in indices:
-            t = th.tensor([i] * shape[0], device=device)
-            with th.no_grad():
-                out = step(x, t)
-            yield out
-            x = out["sample"]
-
-    # ---------------------------------------------------------------- DDIM sampling
+        """Yield p_sample's dict at every step, from t = T-1 down to 0: samplers.sample_ddpm_progressive."""
+        x_T = initial_noise(model, shape, noise, device, generator)
+        yield from sample_ddpm_progressive(self, model, x_T, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                           cond_fn=cond_fn, model_kwargs=model_kwargs, progress=progress,
+                                           generator=generator)
 
     def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
                     eta=0.0, *, generator=None):
-        """Draw x_{t-1} with DDIM (Song et al. 2021, Eq. 12); eta = 1 is DDPM-like, 0 is deterministic."""
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        # Recompute eps from the (clipped) x_0 so the two stay consistent.
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
-        # DDIM, Eq. 16: sigma_t(eta).
-        sigma = eta * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * th.sqrt(1 - alpha_bar / alpha_bar_prev)
-        noise = _randn(x.shape, x.device, generator).type(x.dtype)
-        # DDIM, Eq. 12: predicted x_0, direction to x_t, and fresh noise.
-        mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_prev) + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        sample = mean_pred + _batch_mask(t, x.ndim) * sigma * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        """Draw x_{t-1} with DDIM (Song et al. 2021, Eq. 12): samplers.ddim_step."""
+        return ddim_step(self, model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+                         model_kwargs=model_kwargs, eta=eta, generator=generator)
 
     def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
-        """Step the deterministic DDIM ODE forward, x_t -> x_{t+1} (Song et al. 2021, Sec. 4.3)."""
+        """Step the deterministic DDIM ODE forward, x_t -> x_{t+1}: samplers.ddim_reverse_step."""
         if eta != 0.0:
             raise ValueError("ddim_reverse_sample follows the deterministic ODE only: eta must be 0")
-        out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = _extract_into_tensor(self.alphas_cumprod_next, t, x.shape)
-        mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_next) + th.sqrt(1 - alpha_bar_next) * eps
-        return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
+        return ddim_reverse_step(self, model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                 model_kwargs=model_kwargs)
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
                          model_kwargs=None, device=None, progress=False, eta=0.0, *, generator=None):
-        """Sample from the model with DDIM; returns the final (N, C, ...) batch."""
-        return _final(self.ddim_sample_loop_progressive(
-            model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, device=device, progress=progress, eta=eta, generator=generator,
-        ))
+        """Sample with DDIM; returns the final (N, C, ...) batch, the last of ddim_sample_loop_progressive."""
+        return _final(self.ddim_sample_loop_progressive(model, shape, noise, clip_denoised, denoised_fn, cond_fn,
+                                                        model_kwargs, device, progress, eta, generator=generator))
 
     def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
                                      cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0, *,
                                      generator=None):
-        """Yield the output dict of ddim_sample at every step, from t = T-1 down to 0."""
-        def step(x, t):
-            return self.ddim_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                    cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, generator=generator)
+        """Yield ddim_sample's dict at every step, from t = T-1 down to 0: samplers.sample_ddim_progressive."""
+        x_T = initial_noise(model, shape, noise, device, generator)
+        yield from sample_ddim_progressive(self, model, x_T, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                           cond_fn=cond_fn, model_kwargs=model_kwargs, progress=progress,
+                                           generator=generator, eta=eta)
 
-        return self._reverse_loop(step, shape, noise, _resolve_device(model, noise, device), progress, generator)
-
-    # ---------------------------------------------------------------- losses
-
-    def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
-        """One term of the variational bound, in bits per dimension (DDPM, Eq. 5).
-
-        L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and the
-        discretised decoder NLL L_0 at t = 0. Returns dict of output (N,) and pred_xstart.
-        """
-        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)
-        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-        kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
-        kl = mean_flat(kl) / np.log(2.0)
-        decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
-        decoder_nll = mean_flat(decoder_nll) / np.log(2.0)
-        return {"output": th.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
+    # ---------------------------------------------------------------- losses (see below and losses.py)
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
-        """Training losses for one batch (DDPM, Eq. 14; IDDPM, Eq. 16 for the hybrid loss).
+        """Training losses for one batch: dict of (N,) tensors (training_loss_terms)."""
+        return training_loss_terms(self, model, x_start, t, model_kwargs, noise)
 
-        :return: dict of (N,) tensors: "loss" always; "mse" and, with learned
-            sigma, "vb" for the MSE losses.
-        """
-        model_kwargs = {} if model_kwargs is None else model_kwargs
-        if noise is None:
-            noise = th.randn_like(x_start)
-        x_t = self.q_sample(x_start, t, noise=noise)
-        if self.loss_type.is_vb():
-            return self._vb_losses(model, x_start, x_t, t, model_kwargs)
-        if self.loss_type in (LossType.MSE, LossType.RESCALED_MSE):
-            return self._mse_losses(model, x_start, x_t, t, noise, model_kwargs)
-        raise NotImplementedError(self.loss_type)
-
-    def _vb_losses(self, model, x_start, x_t, t, model_kwargs):
-        loss = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)["output"]
-        if self.loss_type == LossType.RESCALED_KL:
-            loss = loss * self.num_timesteps
-        return {"loss": loss}
-
-    def _mse_losses(self, model, x_start, x_t, t, noise, model_kwargs):
-        model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
-        model_output, var_values = self._split_model_output(model_output, x_t)
-        terms = {}
-        if var_values is not None:
-            terms["vb"] = self._hybrid_vb_term(model_output, var_values, x_start, x_t, t)
-        target = self._mse_target(x_start, x_t, t, noise)
-        terms["mse"] = mean_flat((target - model_output) ** 2)
-        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
-        return terms
-
-    def _hybrid_vb_term(self, model_output, var_values, x_start, x_t, t):
-        """L_vb trained for the variance only: the mean is a stop-gradient (IDDPM, Sec. 3.1)."""
-        frozen_out = th.cat([model_output.detach(), var_values], dim=1)
-        vb = self._vb_terms_bpd(lambda *args, r=frozen_out: r, x_start, x_t, t, clip_denoised=False)["output"]
-        if self.loss_type == LossType.RESCALED_MSE:
-            # The original weighted L_vb by T/1000 so lambda = 0.001 holds for T = 1000 (IDDPM, Eq. 16).
-            vb = vb * (self.num_timesteps / 1000.0)
-        return vb
-
-    def _mse_target(self, x_start, x_t, t, noise):
-        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
-            return self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
-        if self.model_mean_type == ModelMeanType.START_X:
-            return x_start
-        if self.model_mean_type == ModelMeanType.EPSILON:
-            return noise
-        raise NotImplementedError(self.model_mean_type)
+    def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
+        """One term of the variational bound in bits/dim: losses.vb_terms_bpd."""
+        return vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised, model_kwargs)
 
     def _prior_bpd(self, x_start):
-        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension, (N,); not trainable (DDPM, L_T)."""
-        t = th.full((x_start.shape[0],), self.num_timesteps - 1, dtype=th.long, device=x_start.device)
-        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
-        kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
-        return mean_flat(kl_prior) / np.log(2.0)
+        """KL(q(x_T | x_0) || N(0, I)) in bits/dim: losses.prior_bpd."""
+        return prior_bpd(self, x_start)
 
     def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None):
-        """The whole variational bound in bits per dimension, and per-step errors.
+        """The whole variational bound in bits/dim, and per-step errors: losses.variational_bound_bpd."""
+        return variational_bound_bpd(self, model, x_start, clip_denoised, model_kwargs)
 
-        :return: dict of total_bpd (N,), prior_bpd (N,), and vb, xstart_mse, mse
-            each (N, T) in loop order: column j holds timestep T-1-j.
-        """
-        terms = {"vb": [], "xstart_mse": [], "mse": []}
-        for t in list(range(self.num_timesteps))[::-1]:
-            t_batch = th.tensor([t] * x_start.shape[0], device=x_start.device)
-            noise = th.randn_like(x_start)
-            x_t = self.q_sample(x_start=x_start, t=t_batch, noise=noise)
-            with th.no_grad():
-                out = self._vb_terms_bpd(model, x_start=x_start, x_t=x_t, t=t_batch,
-                                         clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-            eps = self._predict_eps_from_xstart(x_t, t_batch, out["pred_xstart"])
-            terms["vb"].append(out["output"])
-            terms["xstart_mse"].append(mean_flat((out["pred_xstart"] - x_start) ** 2))
-            terms["mse"].append(mean_flat((eps - noise) ** 2))
-        # Stacked in loop order (t = T-1 first), as the original does.
-        result = {k: th.stack(v, dim=1) for k, v in terms.items()}
-        result["prior_bpd"] = self._prior_bpd(x_start)
-        result["total_bpd"] = result["vb"].sum(dim=1) + result["prior_bpd"]
-        return {k: result[k] for k in ("total_bpd", "prior_bpd", "vb", "xstart_mse", "mse")}
+
+# --------------------------------------------------------------------------- training losses
+
+
+def training_loss_terms(diffusion, model, x_start, t, model_kwargs=None, noise=None):
+    """Training losses for one batch (DDPM, Eq. 14; IDDPM, Eq. 16 for the hybrid loss).
+
+    :return: dict of (N,) tensors: "loss" always; "mse" and, with learned
+        sigma, "vb" for the MSE losses.
+    """
+    model_kwargs = {} if model_kwargs is None else model_kwargs
+    if noise is None:
+        noise = th.randn_like(x_start)
+    x_t = diffusion.q_sample(x_start, t, noise=noise)
+    if diffusion.loss_type.is_vb():
+        loss = vb_terms_bpd(diffusion, model, x_start, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)["output"]
+        if diffusion.loss_type == LossType.RESCALED_KL:
+            loss = loss * diffusion.num_timesteps
+        return {"loss": loss}
+    if diffusion.loss_type in (LossType.MSE, LossType.RESCALED_MSE):
+        return _mse_losses(diffusion, model, x_start, x_t, t, noise, model_kwargs)
+    raise NotImplementedError(diffusion.loss_type)
+
+
+def _mse_losses(diffusion, model, x_start, x_t, t, noise, model_kwargs):
+    model_output = model(x_t, diffusion._scale_timesteps(t), **model_kwargs)
+    model_output, var_values = _split_model_output(diffusion, model_output, x_t)
+    terms = {}
+    if var_values is not None:
+        terms["vb"] = _hybrid_vb_term(diffusion, model_output, var_values, x_start, x_t, t)
+    target = _mse_target(diffusion, x_start, x_t, t, noise)
+    terms["mse"] = mean_flat((target - model_output) ** 2)
+    terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+    return terms
+
+
+def _hybrid_vb_term(diffusion, model_output, var_values, x_start, x_t, t):
+    """L_vb trained for the variance only: the mean is a stop-gradient (IDDPM, Sec. 3.1)."""
+    frozen_out = th.cat([model_output.detach(), var_values], dim=1)
+    vb = vb_terms_bpd(diffusion, lambda *args, r=frozen_out: r, x_start, x_t, t, clip_denoised=False)["output"]
+    if diffusion.loss_type == LossType.RESCALED_MSE:
+        # The original weighted L_vb by T/1000 so lambda = 0.001 holds for T = 1000 (IDDPM, Eq. 16).
+        vb = vb * (diffusion.num_timesteps / 1000.0)
+    return vb
+
+
+def _mse_target(diffusion, x_start, x_t, t, noise):
+    if diffusion.model_mean_type == ModelMeanType.PREVIOUS_X:
+        return diffusion.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
+    if diffusion.model_mean_type == ModelMeanType.START_X:
+        return x_start
+    if diffusion.model_mean_type == ModelMeanType.EPSILON:
+        return noise
+    raise NotImplementedError(diffusion.model_mean_type)

@@ -15,6 +15,11 @@ can be kept beside checkpoints as a JSON file, ``CLASS_NAMES_FILE``, holding
 ``{"class_names": [...]}`` (see ``save_class_names``, ``read_class_names`` and
 ``find_class_names``).  Folders may be local paths or any URL that
 ``blobfile`` understands.
+
+Which folder a script trains on is settled here too: ``training_data_dir``
+falls back to the built-in toy dataset (``toy_data``) when no folder is
+given, and ``labeled_data_dir`` also checks the classes against the model and
+saves the class map beside the checkpoints.
 """
 
 import json
@@ -24,11 +29,12 @@ import random
 import blobfile as bf
 import numpy as np
 from PIL import Image
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from .files import atomic_write
+from . import dist_util, logger
 from .errors import UsageError, UserError
+from .files import read_bytes, save_text, uint8_to_float
+from .toy_data import TOY_CLASSES, TOY_VALIDATION_SEED, ensure_toy_dataset
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 LABEL_SOURCES = ("filename", "folder")
@@ -61,25 +67,16 @@ def load_data(
     _check_label_source(label_source)
     paths = _list_data_dir(data_dir)
     classes = _class_indices(paths, data_dir, label_source) if class_cond else None
-    rank, world = _rank_and_world()
-    dataset = ImageDataset(
-        image_size,
-        paths,
-        classes=classes,
-        shard=rank,
-        num_shards=world,
-        random_crop=random_crop,
-        random_flip=random_flip,
-    )
-    _check_enough_images(dataset, batch_size, len(paths), world)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=not deterministic,
-        num_workers=1,
-        drop_last=True,
-    )
+    dataset = _this_ranks_shard(image_size, paths, classes, random_crop, random_flip)
+    _check_enough_images(dataset, batch_size, len(paths), dist_util.get_world_size())
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=not deterministic, num_workers=1, drop_last=True)
     return _forever(loader)
+
+
+def _this_ranks_shard(image_size, paths, classes, random_crop, random_flip):
+    """The ImageDataset of this rank's interleaved slice of the paths."""
+    return ImageDataset(image_size, paths, classes=classes, shard=dist_util.get_rank(),
+                        num_shards=dist_util.get_world_size(), random_crop=random_crop, random_flip=random_flip)
 
 
 def class_names(data_dir, label_source="filename"):
@@ -91,14 +88,12 @@ def class_names(data_dir, label_source="filename"):
 
 def save_class_names(names, path):
     """Write ``{"class_names": names}`` (index i is label i) to ``path`` as JSON, atomically."""
-    text = json.dumps({"class_names": list(names)}, ensure_ascii=False, indent=2) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    save_text(path, json.dumps({"class_names": list(names)}, ensure_ascii=False, indent=2) + "\n")
 
 
 def read_class_names(path):
     """The class names (index i is label i) stored by ``save_class_names`` in ``path``."""
-    with bf.BlobFile(path, "rb") as f:
-        raw = f.read()
+    raw = read_bytes(path, "class names file")
     try:
         names = json.loads(raw.decode("utf-8"))["class_names"]
     except (UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
@@ -122,6 +117,55 @@ def find_class_names(checkpoint_path):
     if not bf.exists(path):
         return None
     return read_class_names(path)
+
+
+def class_names_beside(*checkpoint_paths):
+    """The class names saved by training beside the first of these checkpoints that has them, or None."""
+    for path in checkpoint_paths:
+        names = find_class_names(path) if path else None
+        if names:
+            logger.log(f"class names from beside {path}: {len(names)} classes")
+            return names
+    return None
+
+
+# --------------------------------------------------------------------------- which folder to train on
+
+
+def training_data_dir(data_dir, image_size, validation=False):
+    """data_dir, or the built-in toy dataset at image_size when it is empty (rank 0 creates it)."""
+    if data_dir:
+        return data_dir
+    seed = TOY_VALIDATION_SEED if validation else 0
+    if dist_util.is_main_process():
+        ensure_toy_dataset(image_size=image_size, seed=seed)
+    dist_util.barrier()
+    folder = ensure_toy_dataset(image_size=image_size, seed=seed)
+    if dist_util.is_main_process():
+        kind = "validation" if validation else "training"
+        logger.log(f"no --{'val_' if validation else ''}data_dir given: {kind} on the built-in toy shapes dataset "
+                   f"({len(TOY_CLASSES)} classes: {', '.join(TOY_CLASSES)}) at {folder}")
+    return folder
+
+
+def labeled_data_dir(data_dir, image_size, num_classes, validation=False, label_source="filename"):
+    """training_data_dir, checked to hold no more classes than the model has outputs. For the training
+    set, the class-name-to-index map is logged and saved beside the checkpoints (CLASS_NAMES_FILE)."""
+    folder = training_data_dir(data_dir, image_size, validation=validation)
+    names = class_names(folder, label_source=label_source)
+    if len(names) > num_classes:
+        raise UsageError(f"{folder} holds {len(names)} classes ({', '.join(names[:5])}...) but --num_classes is "
+                         f"{num_classes}; pass --num_classes {len(names)}")
+    if not validation and dist_util.is_main_process():
+        path = bf.join(logger.get_dir(), CLASS_NAMES_FILE)
+        save_class_names(names, path)
+        shown = ", ".join(f"{i}: {name}" for i, name in enumerate(names[:20]))
+        more = ", ..." if len(names) > 20 else ""
+        logger.log(f"classes (from the {label_source}s, saved to {path}): {shown}{more}")
+    return folder
+
+
+# --------------------------------------------------------------------------- listing and labels
 
 
 def _check_label_source(label_source):
@@ -234,12 +278,6 @@ def _class_name(path):
     return prefix
 
 
-def _rank_and_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _check_enough_images(dataset, batch_size, total, world):
     # With drop_last=True a shard smaller than one batch would make the
     # endless loop spin forever without yielding anything.
@@ -285,11 +323,11 @@ class ImageDataset(Dataset):
             arr = center_crop_arr(pil_image, self.resolution)
         if self.random_flip and random.random() < 0.5:
             arr = arr[:, ::-1]
-        arr = arr.astype(np.float32) / 127.5 - 1
+        chw = uint8_to_float(np.ascontiguousarray(arr)[None])[0].numpy()  # (C, H, W) float32 in [-1, 1]
         out_dict = {}
         if self.local_classes is not None:
             out_dict["y"] = np.array(self.local_classes[idx], dtype=np.int64)
-        return np.transpose(arr, [2, 0, 1]), out_dict
+        return chw, out_dict
 
 
 def _read_rgb_image(path):

@@ -20,7 +20,8 @@ from datetime import datetime
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from . import dist_util
 
 DEBUG = 10
 INFO = 20
@@ -29,7 +30,6 @@ ERROR = 40
 DISABLED = 50
 
 VALID_FORMATS = ("stdout", "log", "json", "csv", "tensorboard")
-_RANK_ENV_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
 _MAX_CELL_CHARS = 30
 
 
@@ -221,12 +221,6 @@ def _to_python(val):
     return val
 
 
-def _dist_world_size():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
 def _weighted_mean(gathered):
     """Merge per-rank ``{key: (value, count)}`` dicts into count-weighted means.
 
@@ -294,23 +288,10 @@ class Logger:
 
     def _merge_across_ranks(self):
         local = {k: (v, self.name2cnt.get(k, 1)) for k, v in self.name2val.items()}
-        gathered = self._allgather(local)
-        if gathered is None:
+        gathered = dist_util.gather_objects(local, comm=self.comm)
+        if len(gathered) == 1:  # alone: the values as logged, without a round trip through sums
             return dict(self.name2val)
         return _weighted_mean(gathered)
-
-    def _allgather(self, local):
-        """Every rank's ``local`` dict, or None when running alone."""
-        if self.comm is not None:
-            if not hasattr(self.comm, "allgather"):
-                raise TypeError("comm must provide allgather(obj) -> list, like mpi4py")
-            return self.comm.allgather(local)
-        world_size = _dist_world_size()
-        if world_size <= 1:
-            return None
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, local)
-        return gathered
 
     def log(self, *args, level=INFO):
         if self.level <= level:
@@ -337,17 +318,6 @@ class Logger:
 # ---------------------------------------------------------------------------
 
 
-def _get_rank(comm=None):
-    if comm is not None:
-        return comm.Get_rank() if hasattr(comm, "Get_rank") else comm.rank
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    for var in _RANK_ENV_VARS:
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 0
-
-
 def _default_dir():
     stamp = datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f")
     return os.path.join(tempfile.gettempdir(), stamp)
@@ -368,7 +338,7 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
     if format_strs is None:
         format_strs = _default_format_strs()
     output_formats = []
-    if _get_rank(comm) == 0:
+    if dist_util.launch_rank(comm) == 0:
         os.makedirs(dir, exist_ok=True)
         output_formats = [make_output_format(f, dir, log_suffix) for f in format_strs]
     Logger.CURRENT = Logger(dir=dir, output_formats=output_formats, comm=comm)

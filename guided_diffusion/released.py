@@ -17,7 +17,8 @@ from types import MappingProxyType
 import torch as th
 from torch.overrides import TorchFunctionMode
 
-from .checkpoints import LAYOUT_FREE_FLAGS, is_state_dict, layout_of, read_checkpoint, shape_flags, suggest_flags
+from .checkpoints import is_state_dict, layout_of, read_checkpoint
+from .layout_flags import shape_flags, suggest_flags, unreadable_flags
 from .script_util import MODEL_KINDS, create_from_flags
 
 
@@ -239,10 +240,6 @@ def _optimizer_summary(state):
 
 # --------------------------------------------------------------------------- the flags a layout fits
 
-# Flags of the diffusion a model was trained with that sampling must repeat; no shape shows them.
-_UNREADABLE_DIFFUSION_FLAGS = ("diffusion_steps", "noise_schedule", "predict_xstart", "rescale_timesteps")
-# Layout-free flags that are choices of each run, not properties of the trained model.
-_RUN_TIME_FLAGS = ("use_fp16", "classifier_use_fp16", "use_checkpoint")
 # Layout-free flags set, only while searching, to values that build with any other flag.
 _SEARCH_PLACEHOLDERS = {"small_size": 1}
 
@@ -267,7 +264,7 @@ def _fitting_flags(layout, kind):
 
 
 def _inferred(layout, kind):
-    """All flags of that kind, searched from its defaults with checkpoints.suggest_flags; None when none build
+    """All flags of that kind, searched from its defaults with layout_flags.suggest_flags; None when none build
     `layout`. The search builds dozens of models: an EMA file and its model file share the result."""
     flags = _inferred_by_layout(kind, tuple(layout.items()))
     return None if flags is None else dict(flags)
@@ -287,17 +284,6 @@ def _inferred_by_layout(kind, items):
     except Exception:  # an impossible combination of flags
         return None
     return {**flags, **{k: defaults[k] for k in _SEARCH_PLACEHOLDERS if k in defaults}} if fits else None
-
-
-def unreadable_flags(kind):
-    """Flags of that kind a layout cannot show: the values the model was trained with must be passed."""
-    defaults = MODEL_KINDS[kind][0]()
-    names = [f for f in LAYOUT_FREE_FLAGS if f in defaults and f not in _RUN_TIME_FLAGS]
-    if kind != "classifier":
-        names += _UNREADABLE_DIFFUSION_FLAGS
-    if kind == "super_res":
-        names.append("small_size")  # only the forward pass's upsampling depends on it
-    return names
 
 
 def command_line(flags):

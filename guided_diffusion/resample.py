@@ -4,7 +4,6 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 import torch as th
-import torch.distributed as dist
 
 
 def create_named_schedule_sampler(name, diffusion):
@@ -53,35 +52,15 @@ class LossAwareSampler(ScheduleSampler):
         :param local_ts: (N,) long tensor of timesteps.
         :param local_losses: (N,) tensor of per-example losses.
         """
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            timesteps, losses = _all_gather_pairs(local_ts, local_losses)
-        else:
-            timesteps, losses = local_ts.tolist(), local_losses.tolist()
-        self.update_with_all_losses(timesteps, losses)
+        # Imported here: the math core imports only torch and numpy at module level.
+        from .dist_util import gather_rows
+
+        timesteps, losses = gather_rows(local_ts), gather_rows(local_losses.detach())
+        self.update_with_all_losses(timesteps.tolist(), losses.tolist())
 
     @abstractmethod
     def update_with_all_losses(self, ts, losses):
         """Record (t, loss) pairs from every rank, identically on every rank."""
-
-
-def _all_gather_pairs(local_ts, local_losses):
-    """Gather variable-length (ts, losses) from all ranks; same lists on every rank."""
-    world = dist.get_world_size()
-    size = th.tensor([len(local_ts)], dtype=th.int64, device=local_ts.device)
-    sizes = [th.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    sizes = [int(s.item()) for s in sizes]
-    pad = max(sizes) - len(local_ts)
-    # all_gather needs equal shapes: pad to the largest batch, then trim.
-    ts = th.cat([local_ts, local_ts.new_zeros(pad)])
-    losses = th.cat([local_losses.detach(), local_losses.new_zeros(pad)])
-    ts_all = [th.zeros_like(ts) for _ in range(world)]
-    losses_all = [th.zeros_like(losses) for _ in range(world)]
-    dist.all_gather(ts_all, ts)
-    dist.all_gather(losses_all, losses)
-    timesteps = [x for t, n in zip(ts_all, sizes) for x in t[:n].tolist()]
-    loss_values = [x for l, n in zip(losses_all, sizes) for x in l[:n].tolist()]
-    return timesteps, loss_values
 
 
 class LossSecondMomentResampler(LossAwareSampler):

@@ -65,7 +65,8 @@ def _section_sizes(num_timesteps, num_sections):
 def _strided_offsets(size, count):
     """`count` offsets spread evenly over 0..size-1, both ends included."""
     if count > size or count < 1:
-        raise ValueError(f"cannot divide a section of {size} steps into {count} (timestep_respacing asks for more steps than exist)")
+        raise ValueError(f"cannot divide a section of {size} steps into {count} "
+                         "(timestep_respacing asks for more steps than exist)")
     stride = 1 if count <= 1 else (size - 1) / (count - 1)
     # Python's round (half to even) on the accumulated float, as the original.
     offsets, position = [], 0.0

@@ -6,21 +6,21 @@ its x_T and its per-step noise from its own generator, so the images do not depe
 on the batch size or the number of processes.
 """
 
-import math
 import os
 
 import numpy as np
 import torch as th
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import dist_util, logger
 from .cfg import guided_model, has_null_class
 from .checkpoints import CheckpointMismatchError, layout_of, load_model_state
-from .files import atomic_write
-from .dpm_solver import SOLVERS, dpm_solver_sample_loop, dynamic_threshold, step_timesteps
 from .errors import UsageError, flag_errors
-from .script_util import MODEL_KINDS, args_to_dict, create_from_flags
+from .files import save_image_grid, save_npz, to_uint8_nhwc
+from .flags import given_flags
+from .layout_flags import suggest_flags
+from .samplers import SOLVERS, dynamic_threshold, initial_noise, sample_dpmpp, step_timesteps
+from .script_util import MODEL_KINDS, args_to_dict, compile_if_asked, create_from_flags
 
 # --------------------------------------------------------------------------- models
 
@@ -39,14 +39,13 @@ def load_model(kind, args, path, path_flag="model_path"):
     flags, record = flags_for_checkpoint(kind, args, state, path)
     model, diffusion = create_from_flags(kind, flags)
     try:
-        load_model_state(model, state, source=path, flags=flags, build=lambda **f: create_from_flags(kind, f)[0])
+        load_model_state(model, state, source=path, flags=flags, build=lambda **f: create_from_flags(kind, f)[0],
+                         suggest=suggest_flags)
     except CheckpointMismatchError as exc:
         raise CheckpointMismatchError(f"{exc}\n{_released_hint(record)}" if record else str(exc)) from None
     model.to(dist_util.dev())
     if flags[MODEL_KINDS[kind][2]]:
         model.convert_to_fp16()
-    from .cli import compile_if_asked
-
     return compile_if_asked(model.eval(), args), diffusion
 
 
@@ -61,7 +60,6 @@ def flags_for_checkpoint(kind, args, state, path):
     Without model flags on the command line (RUNTIME_FLAGS aside), a released layout's flags replace
     the defaults, are set in args, and are logged in one line; flags on the command line always win.
     """
-    from .cli import given_flags
     from .released import command_line, match_released
 
     defaults = MODEL_KINDS[kind][0]()
@@ -191,10 +189,11 @@ def sample_loop(diffusion, sampler="ddpm", steps=DEFAULT_SOLVER_STEPS, step_sche
         step_timesteps(diffusion.alphas_cumprod, steps, step_schedule)
     threshold = dynamic_threshold(dynamic_threshold_percentile) if dynamic_threshold_percentile else None
 
-    def loop(model, shape, clip_denoised=True, **kwargs):
-        return dpm_solver_sample_loop(diffusion, model, shape, steps=steps, order=order, sde=sde, schedule=step_schedule,
-                                      clip_denoised=clip_denoised and threshold is None, denoised_fn=threshold,
-                                      **kwargs)
+    def loop(model, shape, noise=None, clip_denoised=True, device=None, generator=None, **kwargs):
+        x_T = initial_noise(model, shape, noise, device, generator)
+        return sample_dpmpp(diffusion, model, x_T, steps=steps, order=order, sde=sde, schedule=step_schedule,
+                            clip_denoised=clip_denoised and threshold is None, denoised_fn=threshold,
+                            generator=generator, **kwargs)
 
     return loop
 
@@ -272,8 +271,8 @@ def generate(diffusion, model_fn, *, num_samples, batch_size, image_shape, kwarg
     for indices in rank_batches(num_samples, batch_size, rank, world):
         batch, y = _sample_batch(sample_fn, model_fn, indices, image_shape, kwargs_for, cond_fn,
                                  clip_denoised, seed, device)
-        images.append(gather_rows(batch, batch_size))
-        labels.append(gather_rows(y, batch_size) if y is not None else None)
+        images.append(dist_util.gather_rows(batch))
+        labels.append(dist_util.gather_rows(y) if y is not None else None)
         if bar is not None:
             bar.update(images[-1].shape[0])
     if bar is not None:
@@ -295,25 +294,6 @@ def _sample_batch(sample_fn, model_fn, indices, image_shape, kwargs_for, cond_fn
     sample = sample_fn(model_fn, (len(indices), *image_shape), clip_denoised=clip_denoised, model_kwargs=model_kwargs,
                        cond_fn=cond_fn, device=device, generator=generators)
     return to_uint8_nhwc(sample), y
-
-
-def to_uint8_nhwc(sample):
-    """[-1, 1] float NCHW -> uint8 NHWC."""
-    return ((sample + 1) * 127.5).clamp(0, 255).to(th.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def gather_rows(x, batch_size):
-    """Concatenate the rows of x (at most batch_size of them) from every rank, in rank order."""
-    if dist_util.get_world_size() == 1:
-        return x
-    world = dist_util.get_world_size()
-    count = th.tensor([x.shape[0]], device=x.device)
-    counts = [th.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    padded = th.cat([x, x.new_zeros((batch_size - x.shape[0], *x.shape[1:]))])
-    gathered = [th.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return th.cat([g[: int(c)] for g, c in zip(gathered, counts)])
 
 
 def _progress_bar(total):
@@ -338,7 +318,7 @@ def save_samples(images, labels=None, out_dir=None, grid_size=64, class_names=No
     named = {}
     if labels is not None and class_names:
         named["label_names"] = np.array([_label_name(class_names, i) for i in labels.tolist()])
-    atomic_write(path, lambda f: np.savez(f, *arrays, **named))
+    save_npz(path, *arrays, **named)
     save_image_grid(images[:grid_size], path[: -len(".npz")] + ".png")
     return path
 
@@ -348,21 +328,13 @@ def _label_name(class_names, label):
     return class_names[label] if 0 <= label < len(class_names) else f"class {label}"
 
 
-def save_image_grid(images, path, nrow=None, pad=2):
-    """Tile uint8 NHWC images into one PNG, nrow images per row (default: a square-ish grid)."""
-    from PIL import Image
-
-    grid = image_grid(images, nrow=nrow, pad=pad)
-    atomic_write(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
-
-
-def image_grid(images, nrow=None, pad=2):
-    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) uint8 array on white."""
-    n, h, w, c = images.shape
-    cols = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = max(1, math.ceil(n / cols))
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
-    return grid
+def finish_sampling(images, labels=None, class_names=None):
+    """Save the samples on rank 0 (npz and PNG grid; with class_names, the names of the labels too), wait
+    for every rank, and log the path last."""
+    path = None
+    if dist_util.is_main_process():
+        path = save_samples(images, labels, class_names=class_names)
+    dist_util.barrier()
+    if path:
+        logger.log(f"sampling complete: {len(images)} samples saved to {path}")
+    return path

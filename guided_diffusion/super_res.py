@@ -4,7 +4,8 @@ import blobfile as bf
 import numpy as np
 import torch as th
 
-from .errors import MissingFileError, UsageError, UserError
+from .errors import UsageError, UserError
+from .files import require_file, uint8_to_float
 
 
 class BaseSamples:
@@ -16,8 +17,7 @@ class BaseSamples:
     def __init__(self, path, small_size, class_cond):
         if not path:
             raise UsageError("--base_samples is required: the npz of low-resolution samples (from image_sample.py)")
-        if not bf.exists(path):
-            raise MissingFileError(f"--base_samples {path} does not exist")
+        require_file(path, "--base_samples", "the npz of low-resolution samples written by image_sample.py")
         with bf.BlobFile(path, "rb") as f, np.load(f) as obj:
             self.images = obj["arr_0"]
             self.labels = obj["arr_1"] if "arr_1" in obj else None
@@ -33,7 +33,7 @@ class BaseSamples:
     def model_kwargs(self, indices, device):
         """{"low_res": (N, 3, small, small) in [-1, 1]} plus {"y": labels} when class-conditional."""
         rows = [i % len(self.images) for i in indices]
-        low_res = th.from_numpy(self.images[rows]).float().div(127.5).sub(1.0).permute(0, 3, 1, 2)
+        low_res = uint8_to_float(self.images[rows])
         kwargs = {"low_res": low_res.to(device)}
         if self.class_cond:
             kwargs["y"] = th.from_numpy(self.labels[rows].astype(np.int64)).to(device)

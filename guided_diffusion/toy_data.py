@@ -22,6 +22,9 @@ from .errors import UsageError
 # Sorted, so that load_data's sorted-prefix numbering matches the positions.
 TOY_CLASSES = ("circle", "cross", "square", "triangle")
 
+# The seed of the held-out (validation) toy set: the same classes, other images.
+TOY_VALIDATION_SEED = 1
+
 # Bump when rendering changes, so stale cached folders get regenerated.
 TOY_FORMAT_VERSION = 1
 

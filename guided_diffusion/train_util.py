@@ -5,6 +5,8 @@ dist_util.setup_dist), accumulate gradients over microbatches with DDP syncing
 only on the last one, train in float32, fp16 (loss-scaled) or bf16, and write
 checkpoints atomically on rank 0. A checkpoint `model{N:06d}.pt` holds the
 weights after N optimizer steps; resuming from it continues with step N + 1.
+
+The *_from_flags functions build a loop from the flags of the training scripts.
 """
 
 import contextlib
@@ -20,15 +22,92 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from . import dist_util, logger
+from .cfg import label_dropout
 from .checkpoints import load_model_state
+from .errors import flag_errors
 from .files import save_torch
-from .fp16_util import MixedPrecisionTrainer
+from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer
 from .nn import update_ema
-from .resample import LossAwareSampler, UniformSampler
+from .resample import LossAwareSampler, UniformSampler, create_named_schedule_sampler
 
 
 class _Loop:
-    """What both loops share: devices, DDP, microbatches, checkpoint files, logging."""
+    """What both loops share: the model and its resume, the mixed-precision trainer, AdamW, DDP, the step
+    counter, microbatches, logging and checkpoint files. Subclasses define run_step(batch, cond).
+
+    One counter, global_step: the optimizer steps done, those before the checkpoint resumed from included.
+    run_step advances it; model{N:06d}.pt is saved when it is N, and it is the `step` logged. The
+    original's names stay readable: resume_step (the N resumed from) and step (the steps of this run).
+
+    :param max_steps: stop when global_step reaches it; None trains until interrupted.
+    """
+
+    def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, log_interval, save_interval,
+                 resume_checkpoint, max_steps=None, schedule_sampler=None, weight_decay=0.0, use_fp16=False,
+                 fp16_scale_growth=1e-3, initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE, use_bf16=False):
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.max_steps = max_steps
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.weight_decay = weight_decay
+        self.use_fp16 = use_fp16
+        self.fp16_scale_growth = fp16_scale_growth
+        self._setup_model(model, resume_checkpoint)
+        self.global_step = self.resume_step
+        self.global_batch = batch_size * self.world_size
+        self.mp_trainer = MixedPrecisionTrainer(model=model, use_fp16=use_fp16, fp16_scale_growth=fp16_scale_growth,
+                                                initial_lg_loss_scale=initial_lg_loss_scale, use_bf16=use_bf16)
+        self.opt = make_optimizer(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
+        if self.resume_step:
+            self._load_optimizer_state()
+        self.ddp_model = self._wrap_ddp()
+        self._last_log = (time.time(), self.resume_step)  # for samples_per_sec
+
+    @property
+    def step(self):
+        """Optimizer steps taken in this run (the original's counter)."""
+        return self.global_step - self.resume_step
+
+    def run_loop(self):
+        """Take steps until max_steps (forever when None), saving every save_interval global steps and at the end.
+
+        Logs are dumped on the run's first and last steps and every log_interval global steps.
+        """
+        while not self._done():
+            batch, cond = next(self.data)
+            self.run_step(batch, cond)
+            self._dump_logs(first=self.step == 1, last=self._done())
+            if self.global_step % self.save_interval == 0:
+                self.save()
+        if self.step and self.global_step % self.save_interval != 0:
+            self.save()
+
+    def run_step(self, batch, cond):
+        raise NotImplementedError
+
+    def _done(self):
+        return self.max_steps is not None and self.global_step >= self.max_steps
+
+    def log_step(self):
+        """Log the steps done so far and the samples they saw (all ranks together)."""
+        logger.logkv("step", self.global_step)
+        logger.logkv("samples", self.global_step * self.global_batch)
+
+    def save(self):
+        """Write the checkpoint files of the current global step."""
+        self._save_files(self._checkpoint_files(self.global_step))
+
+    def _checkpoint_files(self, step):
+        """{filename: state} of a checkpoint: the model's weights and the optimizer's state."""
+        return {
+            f"model{step:06d}.pt": self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params),
+            f"opt{step:06d}.pt": self._optimizer_state(),
+        }
 
     def _setup_model(self, model, resume_checkpoint):
         self.model = model
@@ -50,9 +129,9 @@ class _Loop:
         return DDP(self.model, device_ids=device_ids, output_device=device_ids and self.device,
                    bucket_cap_mb=128, find_unused_parameters=False)
 
-    def _sync_context(self, last):
-        """Gradients are all-reduced on the last microbatch only."""
-        if last or self.ddp_model is self.model:
+    def _sync_context(self, sync):
+        """Gradients are all-reduced only where sync is true: on the last microbatch of a training step."""
+        if sync or self.ddp_model is self.model:
             return contextlib.nullcontext()
         return self.ddp_model.no_sync()
 
@@ -95,23 +174,24 @@ class _Loop:
         for param_group in self.opt.param_groups:
             param_group["lr"] = self.lr * (1 - frac_done)
 
-    def _dump_logs(self, global_step, first, last):
+    def _dump_logs(self, first, last):
         """Write the logged key/values every log_interval global steps, and on the run's first and last step.
 
         First: a run shorter than log_interval still shows a loss. Last: the steps since the
         previous dump would otherwise never be written. One dump per step at most.
         """
-        if first or last or global_step % self.log_interval == 0:
-            self._log_throughput(global_step)
+        if first or last or self.global_step % self.log_interval == 0:
+            self._log_throughput()
             logger.dumpkvs()
 
-    def _log_throughput(self, global_step):
+    def _log_throughput(self):
         """Samples per second since the previous call (all ranks together)."""
         now = time.time()
         last_time, last_step = self._last_log
-        if global_step > last_step:
-            logger.logkv("samples_per_sec", (global_step - last_step) * self.global_batch / max(now - last_time, 1e-9))
-        self._last_log = (now, global_step)
+        if self.global_step > last_step:
+            elapsed = max(now - last_time, 1e-9)
+            logger.logkv("samples_per_sec", (self.global_step - last_step) * self.global_batch / elapsed)
+        self._last_log = (now, self.global_step)
 
     @staticmethod
     def _log_rank0(message):
@@ -132,35 +212,19 @@ class TrainLoop(_Loop):
     def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, ema_rate, log_interval, save_interval,
                  resume_checkpoint, use_fp16=False, fp16_scale_growth=1e-3, schedule_sampler=None, weight_decay=0.0,
                  lr_anneal_steps=0, use_bf16=False):
-        self.diffusion = diffusion
-        self.data = data
-        self.batch_size = batch_size
-        self.microbatch = microbatch if microbatch > 0 else batch_size
-        self.lr = lr
         self.ema_rate = parse_ema_rate(ema_rate)
-        self.log_interval = log_interval
-        self.save_interval = save_interval
-        self.use_fp16 = use_fp16
-        self.fp16_scale_growth = fp16_scale_growth
-        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
-        self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
-        self.step = 0  # optimizer steps taken in this run; the global step adds resume_step
+        super().__init__(model=model, diffusion=diffusion, data=data, batch_size=batch_size, microbatch=microbatch,
+                         lr=lr, log_interval=log_interval, save_interval=save_interval,
+                         resume_checkpoint=resume_checkpoint, max_steps=lr_anneal_steps or None,
+                         schedule_sampler=schedule_sampler, weight_decay=weight_decay, use_fp16=use_fp16,
+                         fp16_scale_growth=fp16_scale_growth, use_bf16=use_bf16)
+        self.ema_params = [self._initial_ema_parameters(rate) for rate in self.ema_rate]
 
-        self._setup_model(model, resume_checkpoint)
-        self.global_batch = self.batch_size * self.world_size
-        self.mp_trainer = MixedPrecisionTrainer(model=self.model, use_fp16=use_fp16,
-                                                fp16_scale_growth=fp16_scale_growth, use_bf16=use_bf16)
-        self.opt = make_optimizer(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
-        if self.resume_step:
-            self._load_optimizer_state()
-            self.ema_params = [self._load_ema_parameters(rate) for rate in self.ema_rate]
-        else:
-            self.ema_params = [copy.deepcopy(self.mp_trainer.master_params) for _ in self.ema_rate]
-        self.ddp_model = self._wrap_ddp()
-        self._last_log = (time.time(), self.resume_step)  # for samples_per_sec
-
-    def _load_ema_parameters(self, rate):
+    def _initial_ema_parameters(self, rate):
+        """The EMA saved beside the checkpoint resumed from, or a copy of the current weights."""
+        if not self.resume_step:
+            return copy.deepcopy(self.mp_trainer.master_params)
         path = find_ema_checkpoint(self.resume_checkpoint, self.resume_step, rate)
         if path is None:
             logger.warn(f"WARNING: no EMA checkpoint for rate {rate} at step {self.resume_step} beside "
@@ -173,34 +237,13 @@ class TrainLoop(_Loop):
         dist_util.sync_params(ema_params)
         return ema_params
 
-    def global_step(self):
-        return self.step + self.resume_step
-
-    def run_loop(self):
-        """Train until lr_anneal_steps (or forever when 0), saving every save_interval steps and at the end.
-
-        Logs are dumped on the run's first and last steps and every log_interval global steps; the
-        `step` logged is the global number of steps done, like the N of model{N:06d}.pt.
-        """
-        while not self._done():
-            batch, cond = next(self.data)
-            self.run_step(batch, cond)
-            self.step += 1
-            self._dump_logs(self.global_step(), first=self.step == 1, last=self._done())
-            if self.global_step() % self.save_interval == 0:
-                self.save()
-        if self.step and self.global_step() % self.save_interval != 0:
-            self.save()
-
-    def _done(self):
-        return bool(self.lr_anneal_steps) and self.global_step() >= self.lr_anneal_steps
-
     def run_step(self, batch, cond):
-        """One optimizer step on a batch (N, C, H, W) with its model kwargs."""
+        """One optimizer step on a batch (N, C, H, W) with its model kwargs; advances global_step."""
         self.forward_backward(batch, cond)
         if self.mp_trainer.optimize(self.opt):
             self._update_ema()
         self._anneal_lr()
+        self.global_step += 1  # a step fp16 skipped for overflow counts too, as in the original
         self.log_step()
 
     def forward_backward(self, batch, cond):
@@ -221,27 +264,24 @@ class TrainLoop(_Loop):
             update_ema(params, self.mp_trainer.master_params, rate=rate)
 
     def _anneal_lr(self):
-        # Called before self.step counts this step: the next step uses lr * (1 - steps_before / total).
+        # Set before this step is counted, as in the original: step k + 1 (from 0) runs at lr * (1 - k / total).
         if self.lr_anneal_steps:
-            self._set_lr(self.global_step() / self.lr_anneal_steps)
+            self._set_lr(self.global_step / self.lr_anneal_steps)
 
-    def log_step(self):
-        # Logged before self.step counts this step, so +1: steps and samples done so far.
-        logger.logkv("step", self.global_step() + 1)
-        logger.logkv("samples", (self.global_step() + 1) * self.global_batch)
-
-    def save(self):
-        """Write model, one EMA file per rate, and optimizer state for the current global step."""
-        step = self.global_step()
-        files = {f"model{step:06d}.pt": self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)}
+    def _checkpoint_files(self, step):
+        """The model, one EMA per rate, and the optimizer state (the original's files, in its order)."""
+        to_state = self.mp_trainer.master_params_to_state_dict
+        files = {f"model{step:06d}.pt": to_state(self.mp_trainer.master_params)}
         for rate, params in zip(self.ema_rate, self.ema_params):
-            files[f"ema_{rate}_{step:06d}.pt"] = self.mp_trainer.master_params_to_state_dict(params)
+            files[f"ema_{rate}_{step:06d}.pt"] = to_state(params)
         files[f"opt{step:06d}.pt"] = self._optimizer_state()
-        self._save_files(files)
+        return files
 
 
 class ClassifierTrainLoop(_Loop):
     """Train the noisy-image classifier (ADM, Sec. 4.1): cross-entropy on x_t at t ~ the schedule sampler.
+
+    Trains for `iterations` global steps; batches are (x (N, C, H, W), {"y": labels (N,)}).
 
     :param noised: classify q_sample(x_0, t) (True) or clean images at t = 0.
     :param val_data: an optional iterator of validation batches, evaluated every eval_interval steps.
@@ -251,85 +291,108 @@ class ClassifierTrainLoop(_Loop):
     def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, iterations, log_interval,
                  save_interval, resume_checkpoint, val_data=None, eval_interval=5, noised=True, anneal_lr=False,
                  schedule_sampler=None, weight_decay=0.0, use_fp16=False, use_bf16=False):
-        self.diffusion = diffusion
-        self.data = data
-        self.val_data = val_data
-        self.batch_size = batch_size
-        self.microbatch = microbatch if microbatch > 0 else batch_size
-        self.lr = lr
         self.iterations = iterations
-        self.log_interval = log_interval
-        self.save_interval = save_interval
+        self.val_data = val_data
         self.eval_interval = eval_interval
         self.noised = noised
         self.anneal_lr = anneal_lr
-        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
-        self._setup_model(model, resume_checkpoint)
-        self.global_batch = self.batch_size * self.world_size
         # The original starts classifier loss scaling at 2^16 rather than 2^20.
-        self.mp_trainer = MixedPrecisionTrainer(model=self.model, use_fp16=use_fp16, initial_lg_loss_scale=16.0,
-                                                use_bf16=use_bf16)
-        self.opt = make_optimizer(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
-        if self.resume_step:
-            self._load_optimizer_state()
-        self.ddp_model = self._wrap_ddp()
-        self._last_log = (time.time(), self.resume_step)  # for samples_per_sec
+        super().__init__(model=model, diffusion=diffusion, data=data, batch_size=batch_size, microbatch=microbatch,
+                         lr=lr, log_interval=log_interval, save_interval=save_interval,
+                         resume_checkpoint=resume_checkpoint, max_steps=iterations, schedule_sampler=schedule_sampler,
+                         weight_decay=weight_decay, use_fp16=use_fp16, initial_lg_loss_scale=16.0, use_bf16=use_bf16)
 
-    def run_loop(self):
-        """Train for `iterations` global steps, saving model and optimizer every save_interval and at the end.
-
-        Logs are dumped like TrainLoop's: first and last step of the run, and every log_interval global steps.
-        """
-        step = self.resume_step
-        while step < self.iterations:
-            if self.anneal_lr:
-                self._set_lr(step / self.iterations)
-            self.forward_backward_log(self.data, prefix="train")
-            self.mp_trainer.optimize(self.opt)
-            if self.val_data is not None and step % self.eval_interval == 0:
-                self.evaluate()
-            step += 1
-            logger.logkv("step", step)
-            logger.logkv("samples", step * self.global_batch)
-            self._dump_logs(step, first=step == self.resume_step + 1, last=step == self.iterations)
-            if step % self.save_interval == 0 or step == self.iterations:
-                self.save(step)
+    def run_step(self, batch, cond):
+        """One optimizer step on labelled images, then (every eval_interval steps) one validation batch."""
+        if self.anneal_lr:
+            self._set_lr(self.global_step / self.iterations)
+        self.forward_backward_log(batch, cond["y"], train=True)
+        self.mp_trainer.optimize(self.opt)
+        if self.val_data is not None and self.global_step % self.eval_interval == 0:
+            self.evaluate()
+        self.global_step += 1
+        self.log_step()
 
     def evaluate(self):
         """Loss and top-1/top-5 accuracy on one validation batch, logged with the prefix val_."""
+        batch, cond = next(self.val_data)
         self.model.eval()
-        with th.no_grad(), self._sync_context(False):
-            self.forward_backward_log(self.val_data, prefix="val")
+        with th.no_grad():
+            self.forward_backward_log(batch, cond["y"], train=False)
         self.model.train()
 
-    def forward_backward_log(self, data, prefix="train"):
-        batch, extra = next(data)
-        batch, labels = batch.to(self.device), extra["y"].to(self.device)
-        if self.noised:
-            t, _ = self.schedule_sampler.sample(batch.shape[0], self.device)
-            batch = self.diffusion.q_sample(batch, t)
-        else:
-            t = th.zeros(batch.shape[0], dtype=th.long, device=self.device)
-        if th.is_grad_enabled():
+    def forward_backward_log(self, batch, labels, train=True):
+        """Log loss and accuracies (prefix train_ or val_) of images (N, C, H, W) with labels (N,).
+
+        train: also accumulate the gradient of the batch's mean loss, for the next optimizer step.
+        """
+        batch, t = self._classifier_inputs(batch.to(self.device))
+        if train:
             self.mp_trainer.zero_grad()
-        for micro, cond, last in self._microbatches(batch, {"y": labels, "t": t}):
-            with self._sync_context(last):
+        for micro, cond, last in self._microbatches(batch, {"y": labels.to(self.device), "t": t}):
+            with self._sync_context(last and train):
                 with self.mp_trainer.autocast():
                     logits = self.ddp_model(micro, timesteps=cond["t"]).float()
                 loss = F.cross_entropy(logits, cond["y"], reduction="none")
-                log_loss_dict(self.diffusion, cond["t"], {
-                    f"{prefix}_loss": loss.detach(),
-                    f"{prefix}_acc@1": compute_top_k(logits, cond["y"], k=1, reduction="none"),
-                    f"{prefix}_acc@5": compute_top_k(logits, cond["y"], k=5, reduction="none"),
-                })
-                if loss.requires_grad:
+                self._log_metrics("train" if train else "val", cond["t"], logits, cond["y"], loss)
+                if train:
                     self.mp_trainer.backward(loss.mean() * len(micro) / len(batch))
 
-    def save(self, step):
-        self._save_files({
-            f"model{step:06d}.pt": self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params),
-            f"opt{step:06d}.pt": self._optimizer_state(),
+    def _classifier_inputs(self, x_start):
+        """(x_t, t): q_sample(x_0, t) at t ~ the schedule sampler (ADM, Sec. 4.1), or x_0 at t = 0 if not noised."""
+        if not self.noised:
+            return x_start, th.zeros(x_start.shape[0], dtype=th.long, device=self.device)
+        t, _ = self.schedule_sampler.sample(x_start.shape[0], self.device)
+        return self.diffusion.q_sample(x_start, t), t
+
+    def _log_metrics(self, prefix, t, logits, labels, loss):
+        log_loss_dict(self.diffusion, t, {
+            f"{prefix}_loss": loss.detach(),
+            f"{prefix}_acc@1": compute_top_k(logits, labels, k=1, reduction="none"),
+            f"{prefix}_acc@5": compute_top_k(logits, labels, k=5, reduction="none"),
         })
+
+
+def schedule_sampler_from_flags(args, diffusion):
+    """The timestep sampler named by --schedule_sampler (an unknown name is a usage error)."""
+    with flag_errors(NotImplementedError):
+        return create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
+
+def train_diffusion_from_flags(args, model, diffusion, data):
+    """Run TrainLoop with the training flags of image_train.py / super_res_train.py; returns the loop.
+
+    With --p_uncond > 0 labels are dropped to the null class num_classes, for classifier-free guidance.
+    """
+    if args.p_uncond > 0:
+        logger.log(f"label dropout for classifier-free guidance: p_uncond {args.p_uncond}, "
+                   f"null class {args.num_classes}")
+        data = label_dropout(data, args.p_uncond, null_label=args.num_classes)
+    logger.log("training...")
+    loop = TrainLoop(
+        model=model, diffusion=diffusion, data=data, batch_size=args.batch_size, microbatch=args.microbatch,
+        lr=args.lr, ema_rate=args.ema_rate, log_interval=args.log_interval, save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint, use_fp16=args.use_fp16, fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=schedule_sampler_from_flags(args, diffusion),
+        weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps, use_bf16=args.use_bf16,
+    )
+    loop.run_loop()
+    return loop
+
+
+def train_classifier_from_flags(args, model, diffusion, data, val_data=None):
+    """Run ClassifierTrainLoop with the flags of classifier_train.py; returns the loop."""
+    logger.log("training classifier model...")
+    loop = ClassifierTrainLoop(
+        model=model, diffusion=diffusion, data=data, val_data=val_data, batch_size=args.batch_size,
+        microbatch=args.microbatch, lr=args.lr, iterations=args.iterations, log_interval=args.log_interval,
+        save_interval=args.save_interval, eval_interval=args.eval_interval, resume_checkpoint=args.resume_checkpoint,
+        noised=args.noised, anneal_lr=args.anneal_lr, weight_decay=args.weight_decay,
+        schedule_sampler=schedule_sampler_from_flags(args, diffusion),
+        use_fp16=args.classifier_use_fp16, use_bf16=args.use_bf16,
+    )
+    loop.run_loop()
+    return loop
 
 
 def make_optimizer(params, lr, weight_decay):

@@ -8,7 +8,8 @@ timestep embedding `emb` is (N, 4 * model_channels).
 
 import math
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch as th
 import torch.nn as nn
@@ -31,16 +32,23 @@ from .nn import (
 # function). "auto" is sdpa: with the channels of each head contiguous, the fused kernel
 # runs 1.1-3.5x faster than einsum on a CPU (more at more tokens, forward and backward;
 # benchmarks/unet_speed.py) and stores no T x T weights for backward.
+# Each model chooses its own (attention_impl=...); one built with None follows the module
+# default below, read at call time, which set_attention_implementation changes.
 ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "einsum")
 _attention_impl = "auto"
 
 
 def set_attention_implementation(name):
-    """Choose "auto" (default, = sdpa), "sdpa" or "einsum" (the original's arithmetic) for every attention layer."""
+    """The default kernel, "auto" (= sdpa), "sdpa" or "einsum" (the original's arithmetic), of every
+    attention layer built without its own (attention_impl=None)."""
     global _attention_impl
-    if name not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {name!r}; use one of {ATTENTION_IMPLEMENTATIONS}")
-    _attention_impl = name
+    _attention_impl = _checked_attention_impl(name, allow_none=False)
+
+
+def _checked_attention_impl(name, allow_none=True):
+    if name in ATTENTION_IMPLEMENTATIONS or (allow_none and name is None):
+        return name
+    raise ValueError(f"unknown attention implementation {name!r}; use one of {ATTENTION_IMPLEMENTATIONS}")
 
 
 # --------------------------------------------------------------------------- blocks
@@ -136,7 +144,9 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.updown = up or down
 
-        self.in_layers = nn.Sequential(normalization(channels), SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            normalization(channels), SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1),
+        )
         self.h_upd, self.x_upd = _resamplers(channels, dims, up, down)
         emb_out = 2 * self.out_channels if use_scale_shift_norm else self.out_channels
         self.emb_layers = nn.Sequential(SiLU(), linear(emb_channels, emb_out))
@@ -188,10 +198,11 @@ class AttentionBlock(nn.Module):
     """Self-attention over all spatial positions, with a residual connection.
 
     Heads: `num_heads`, or channels // num_head_channels when that is given.
+    attention_impl: this block's kernel (see ATTENTION_IMPLEMENTATIONS); None follows the module default.
     """
 
     def __init__(self, channels, num_heads=1, num_head_channels=-1, use_checkpoint=False,
-                 use_new_attention_order=False):
+                 use_new_attention_order=False, *, attention_impl=None):
         super().__init__()
         self.channels = channels
         if num_head_channels == -1:
@@ -203,7 +214,8 @@ class AttentionBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
-        self.attention = QKVAttention(self.num_heads) if use_new_attention_order else QKVAttentionLegacy(self.num_heads)
+        qkv_attention = QKVAttention if use_new_attention_order else QKVAttentionLegacy
+        self.attention = qkv_attention(self.num_heads, attention_impl=attention_impl)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
 
     def forward(self, x):
@@ -227,14 +239,16 @@ def pointwise(tokens, conv):
     return F.linear(tokens, conv.weight.squeeze(-1), conv.bias)
 
 
-def attention(q, k, v):
+def attention(q, k, v, impl=None):
     """softmax(q k^T / sqrt(ch)) v per head: q (N, H, T, ch), k and v (N, H, S, ch) -> (N, H, T, ch).
 
-    sdpa: torch's fused kernel (flash attention on CPUs and GPUs when each head's channels
-    are contiguous, which the token layout gives). einsum: the original's arithmetic, q and
-    k scaled by ch^(-1/4) each and the T x S weights normalised in float32 (fp16 stability).
+    Scaled dot-product attention (Vaswani et al. 2017, Eq. 1). impl: "sdpa" or "auto",
+    torch's fused kernel (flash attention on CPUs and GPUs when each head's channels are
+    contiguous, which the token layout gives); "einsum", the original's arithmetic, q and
+    k scaled by ch^(-1/4) each and the T x S weights normalised in float32 (fp16 stability);
+    None, the module default (set_attention_implementation).
     """
-    if _attention_impl != "einsum":
+    if (impl or _attention_impl) != "einsum":
         return F.scaled_dot_product_attention(q, k, v)
     scale = 1 / math.sqrt(math.sqrt(q.shape[-1]))
     weight = th.einsum("nhtc,nhsc->nhts", q * scale, k * scale)  # (N, H, T, S)
@@ -263,11 +277,13 @@ class _QKVAttentionBase(nn.Module):
 
     forward takes the original's (N, 3 * H * ch, T) and returns (N, H * ch, T);
     forward_tokens the same in token layout, (N, T, 3 * H * ch) -> (N, T, H * ch).
+    attention_impl: the kernel (see ATTENTION_IMPLEMENTATIONS); None follows the module default.
     """
 
-    def __init__(self, n_heads):
+    def __init__(self, n_heads, *, attention_impl=None):
         super().__init__()
         self.n_heads = n_heads
+        self.attention_impl = _checked_attention_impl(attention_impl)
 
     @staticmethod
     def count_flops(model, _x, y):
@@ -282,7 +298,7 @@ class _QKVAttentionBase(nn.Module):
         bs, length, width = qkv.shape
         assert width % (3 * self.n_heads) == 0
         q, k, v = (part.transpose(1, 2) for part in self._split(qkv, width // (3 * self.n_heads)))  # (N, H, T, ch)
-        out = attention(q[:, :, :queries] if queries else q, k, v)  # (N, H, T', ch)
+        out = attention(q[:, :, :queries] if queries else q, k, v, self.attention_impl)  # (N, H, T', ch)
         return out.transpose(1, 2).reshape(bs, out.shape[2], -1)
 
 
@@ -306,16 +322,16 @@ class AttentionPool2d(nn.Module):
     """Attention pooling as in CLIP (Radford et al. 2021): a mean token attends to the grid.
 
     (N, C, H, W) -> (N, output_dim), with a learned positional embedding over the
-    H*W positions plus the mean token.
+    H*W positions plus the mean token. attention_impl as for AttentionBlock.
     """
 
-    def __init__(self, spacial_dim, embed_dim, num_heads_channels, output_dim=None):
+    def __init__(self, spacial_dim, embed_dim, num_heads_channels, output_dim=None, *, attention_impl=None):
         super().__init__()
         self.positional_embedding = nn.Parameter(th.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5)
         self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
         self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
         self.num_heads = embed_dim // num_heads_channels
-        self.attention = QKVAttention(self.num_heads)
+        self.attention = QKVAttention(self.num_heads, attention_impl=attention_impl)
 
     def forward(self, x):
         return pointwise(self.pooled(x), self.c_proj)  # (N, output_dim)
@@ -337,7 +353,7 @@ class AttentionPool2d(nn.Module):
         return x + self.positional_embedding[None].to(x.dtype)
 
 
-# --------------------------------------------------------------------------- networks
+# --------------------------------------------------------------------------- settings
 
 
 @dataclass(frozen=True)
@@ -346,7 +362,8 @@ class UNetSettings:
 
     Field names are the networks' constructor parameters. attention_resolutions are
     downsample rates (1, 2, 4, ...), channel_mult a tuple; num_classes and
-    num_heads_upsample matter to the UNets only, pool to the encoder only.
+    num_heads_upsample matter to the UNets only, pool to the encoder only. in_channels
+    are those of one image (SuperResModel's network takes twice as many).
     attention_impl picks this model's attention kernel (None: the module default).
     """
 
@@ -372,50 +389,166 @@ class UNetSettings:
     pool: str = "adaptive"
     attention_impl: str = None
 
+    def __post_init__(self):
+        # Tuples, so that settings built from lists compare equal and hash.
+        object.__setattr__(self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        _checked_attention_impl(self.attention_impl)
 
-def _constructor_args(settings, cls):
-    """The settings that cls's constructor takes, by name."""
-    import inspect
+    @property
+    def time_embed_dim(self):
+        """Width of the timestep (and label) embedding."""
+        return 4 * self.model_channels
 
-    for klass in cls.__mro__:  # SuperResModel passes *args on: read the UNet's parameters
-        accepted = inspect.signature(klass.__init__).parameters
-        if not any(p.kind == p.VAR_POSITIONAL for p in accepted.values()):
-            break
-    return {name: value for name, value in vars(settings).items() if name in accepted}
+    @property
+    def upsample_heads(self):
+        """Heads of the decoder's attention: num_heads_upsample, or num_heads where that is -1."""
+        return self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
+
+    def width(self, level):
+        """Channels of the blocks at resolution level `level` (0 = full resolution)."""
+        return int(self.channel_mult[level] * self.model_channels)
+
+    def arguments(self, without=None):
+        """The fields as constructor keyword arguments, less the one named `without`."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != without}
 
 
-class _NetworkMixin:
+# --------------------------------------------------------------------------- building blocks from settings
+
+
+def _res_block(s, channels, out_channels=None, **resample):
+    """A ResBlock on the timestep embedding; resample: up=True or down=True."""
+    return ResBlock(channels, s.time_embed_dim, s.dropout, out_channels=out_channels, dims=s.dims,
+                    use_checkpoint=s.use_checkpoint, use_scale_shift_norm=s.use_scale_shift_norm, **resample)
+
+
+def _attention_block(s, channels, num_heads):
+    return AttentionBlock(channels, num_heads=num_heads, num_head_channels=s.num_head_channels,
+                          use_checkpoint=s.use_checkpoint, use_new_attention_order=s.use_new_attention_order,
+                          attention_impl=s.attention_impl)
+
+
+def _downsample(s, channels):
+    if s.resblock_updown:
+        return _res_block(s, channels, channels, down=True)
+    return Downsample(channels, s.conv_resample, dims=s.dims, out_channels=channels)
+
+
+def _upsample(s, channels):
+    if s.resblock_updown:
+        return _res_block(s, channels, channels, up=True)
+    return Upsample(channels, s.conv_resample, dims=s.dims, out_channels=channels)
+
+
+class _Encoder(NamedTuple):
+    """The input blocks as built, and what the rest of a network needs to know of them."""
+
+    blocks: nn.ModuleList
+    skip_channels: tuple  # the output channels of each input block, in order (the decoder's skips)
+    channels: int  # at the bottom
+    rate: int  # the downsample rate at the bottom
+    feature_size: int  # the channels the "spatial" pools concatenate: every block's, the middle block's too
+
+
+def _build_input_blocks(s, in_channels):
+    """A stem convolution, then per level num_res_blocks ResBlocks (attention at the listed rates) and,
+    between levels, a 2x downsampling."""
+    ch = s.width(0)
+    blocks = [TimestepEmbedSequential(conv_nd(s.dims, in_channels, ch, 3, padding=1))]
+    skip_channels, rate = [ch], 1
+    for level in range(len(s.channel_mult)):
+        for _ in range(s.num_res_blocks):
+            layers = [_res_block(s, ch, s.width(level))]
+            ch = s.width(level)
+            if rate in s.attention_resolutions:
+                layers.append(_attention_block(s, ch, s.num_heads))
+            blocks.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != len(s.channel_mult) - 1:
+            blocks.append(TimestepEmbedSequential(_downsample(s, ch)))
+            skip_channels.append(ch)
+            rate *= 2
+    return _Encoder(nn.ModuleList(blocks), tuple(skip_channels), ch, rate, sum(skip_channels) + ch)
+
+
+def _build_middle_block(s, channels):
+    return TimestepEmbedSequential(
+        _res_block(s, channels), _attention_block(s, channels, s.num_heads), _res_block(s, channels),
+    )
+
+
+def _build_output_blocks(s, skip_channels, channels, rate):
+    """The decoder: per level from the bottom, num_res_blocks + 1 ResBlocks on [h, skip] concatenations
+    (attention at the listed rates), then a 2x upsampling but at the top. Returns (blocks, channels)."""
+    skips, ch, blocks = list(skip_channels), channels, nn.ModuleList()
+    for level in reversed(range(len(s.channel_mult))):
+        for i in range(s.num_res_blocks + 1):
+            layers = [_res_block(s, ch + skips.pop(), s.width(level))]
+            ch = s.width(level)
+            if rate in s.attention_resolutions:
+                layers.append(_attention_block(s, ch, s.upsample_heads))
+            if level and i == s.num_res_blocks:
+                layers.append(_upsample(s, ch))
+                rate //= 2
+            blocks.append(TimestepEmbedSequential(*layers))
+    return blocks, ch
+
+
+def _build_head(s, channels, rate, feature_size):
+    """The classifier's pooling head, (N, C, H, W) or the "spatial" features -> (N, out_channels)."""
+    if s.pool == "adaptive":
+        return nn.Sequential(normalization(channels), SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
+                             zero_module(conv_nd(s.dims, channels, s.out_channels, 1)), nn.Flatten())
+    if s.pool == "attention":
+        if s.num_head_channels == -1:
+            raise ValueError("pool='attention' needs num_head_channels")
+        pool = AttentionPool2d(s.image_size // rate, channels, s.num_head_channels, s.out_channels,
+                               attention_impl=s.attention_impl)
+        return nn.Sequential(normalization(channels), SiLU(), pool)
+    if s.pool == "spatial":
+        return nn.Sequential(nn.Linear(feature_size, 2048), nn.ReLU(), nn.Linear(2048, s.out_channels))
+    if s.pool == "spatial_v2":
+        return nn.Sequential(nn.Linear(feature_size, 2048), normalization(2048), SiLU(),
+                             nn.Linear(2048, s.out_channels))
+    raise NotImplementedError(f"unexpected pool {s.pool!r}: use adaptive, attention, spatial or spatial_v2")
+
+
+# --------------------------------------------------------------------------- networks
+
+
+class _ADMNetwork(nn.Module):
     """What the UNet and the encoder share: their settings, the timestep MLP, half precision."""
 
-    def _init_common(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
-                     attention_resolutions, dropout, channel_mult, conv_resample, use_checkpoint, use_fp16, num_heads,
-                     num_head_channels, use_scale_shift_norm, resblock_updown, use_new_attention_order):
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = tuple(int(r) for r in attention_resolutions)
-        self.dropout = dropout
-        self.channel_mult = tuple(channel_mult)
-        self.conv_resample = conv_resample
-        self.use_checkpoint = use_checkpoint
-        self.use_fp16 = use_fp16
+    # The attributes the original sets on the model that are settings as given.
+    _RECORDED = ("image_size", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions",
+                 "dropout", "channel_mult", "conv_resample", "use_checkpoint", "use_fp16", "num_heads",
+                 "num_head_channels", "use_scale_shift_norm", "resblock_updown", "use_new_attention_order")
+    # Images stacked along channels at the input (SuperResModel: 2, x and the upsampled low-res image).
+    _input_images = 1
+    # The settings field the constructor does not take.
+    _not_an_argument = None
+
+    def __init__(self, settings):
+        super().__init__()
+        self.settings = settings
+        for name in self._RECORDED:
+            setattr(self, name, getattr(settings, name))
+        self.in_channels = settings.in_channels * self._input_images
         # The original sets this attribute from use_fp16 alone and code written for it
         # reads model.dtype; convert_to_fp16/fp32 keep it in step with the weights here.
-        self.dtype = th.float16 if use_fp16 else th.float32
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.use_scale_shift_norm = use_scale_shift_norm
-        self.resblock_updown = resblock_updown
-        self.use_new_attention_order = use_new_attention_order
-        self.time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            linear(model_channels, self.time_embed_dim), SiLU(), linear(self.time_embed_dim, self.time_embed_dim),
-        )
+        self.dtype = th.float16 if settings.use_fp16 else th.float32
+        self.time_embed_dim = dim = settings.time_embed_dim
+        self.time_embed = nn.Sequential(linear(settings.model_channels, dim), SiLU(), linear(dim, dim))
+
+    @classmethod
+    def from_settings(cls, settings):
+        """Build from a UNetSettings."""
+        return cls(**settings.arguments(without=cls._not_an_argument))
 
     def _body(self):
-        return [self.input_blocks, self.middle_block] + ([self.output_blocks] if hasattr(self, "output_blocks") else [])
+        """The blocks that run in half precision after convert_to_fp16."""
+        return [self.input_blocks, self.middle_block]
 
     def convert_to_fp16(self):
         """Convert the convolutions of the input, middle and output blocks to float16."""
@@ -438,66 +571,11 @@ class _NetworkMixin:
         """
         return self.input_blocks[0][0].weight.dtype
 
-
-class _EncoderBuilder:
-    """Builds the shared encoder half: input blocks and the middle block.
-
-    Tracks the channel count, the downsample rate and the channels of every
-    skip connection while blocks are added.
-    """
-
-    def __init__(self, net, in_channels, dims, conv_resample):
-        self.net, self.dims, self.conv_resample = net, dims, conv_resample
-        self.ch = int(net.channel_mult[0] * net.model_channels)
-        self.ds = 1
-        self.skip_chans = [self.ch]
-        self.feature_size = self.ch  # sum of block widths, for the "spatial" classifier pools
-        self.blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, self.ch, 3, padding=1))])
-
-    def res_block(self, channels, out_channels, **kwargs):
-        net = self.net
-        return ResBlock(channels, net.time_embed_dim, net.dropout, out_channels=out_channels, dims=self.dims,
-                        use_checkpoint=net.use_checkpoint, use_scale_shift_norm=net.use_scale_shift_norm, **kwargs)
-
-    def attention_block(self, channels, num_heads):
-        net = self.net
-        return AttentionBlock(channels, use_checkpoint=net.use_checkpoint, num_heads=num_heads,
-                              num_head_channels=net.num_head_channels,
-                              use_new_attention_order=net.use_new_attention_order)
-
-    def _append(self, *layers):
-        self.blocks.append(TimestepEmbedSequential(*layers))
-        self.skip_chans.append(self.ch)
-        self.feature_size += self.ch
-
-    def build_input_blocks(self):
-        net = self.net
-        for level, mult in enumerate(net.channel_mult):
-            for _ in range(net.num_res_blocks):
-                layers = [self.res_block(self.ch, int(mult * net.model_channels))]
-                self.ch = int(mult * net.model_channels)
-                if self.ds in net.attention_resolutions:
-                    layers.append(self.attention_block(self.ch, net.num_heads))
-                self._append(*layers)
-            if level != len(net.channel_mult) - 1:
-                self._append(self.downsample())
-                self.ds *= 2
-        return self.blocks
-
-    def downsample(self):
-        if self.net.resblock_updown:
-            return self.res_block(self.ch, self.ch, down=True)
-        return Downsample(self.ch, self.conv_resample, dims=self.dims, out_channels=self.ch)
-
-    def build_middle_block(self):
-        block = TimestepEmbedSequential(
-            self.res_block(self.ch, None), self.attention_block(self.ch, self.net.num_heads), self.res_block(self.ch, None),
-        )
-        self.feature_size += self.ch
-        return block
+    def _embed(self, timesteps):
+        return self.time_embed(timestep_embedding(timesteps, self.model_channels))  # (N, 4 * model_channels)
 
 
-class UNetModel(_NetworkMixin, nn.Module):
+class UNetModel(_ADMNetwork):
     """The ADM UNet: noise (and variance) prediction from x_t, t and optionally a class.
 
     :param image_size: the input resolution (used by subclasses and the classifier).
@@ -506,60 +584,47 @@ class UNetModel(_NetworkMixin, nn.Module):
     :param num_classes: when set, the model is class-conditional (a label embedding
         added to the timestep embedding).
     :param num_heads_upsample: heads of the decoder's attention; -1 means num_heads.
+    :param attention_impl: this model's attention kernel (see ATTENTION_IMPLEMENTATIONS);
+        None follows the module default (set_attention_implementation).
     """
+
+    _not_an_argument = "pool"
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
                  dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, num_classes=None,
                  use_checkpoint=False, use_fp16=False, num_heads=1, num_head_channels=-1, num_heads_upsample=-1,
-                 use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False):
-        super().__init__()
-        self.num_classes = num_classes
-        self._init_common(image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
-                          dropout, channel_mult, conv_resample, use_checkpoint, use_fp16, num_heads,
-                          num_head_channels, use_scale_shift_norm, resblock_updown, use_new_attention_order)
-        self.num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
-        if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, self.time_embed_dim)
-        builder = _EncoderBuilder(self, in_channels, dims, conv_resample)
-        self.input_blocks = builder.build_input_blocks()
-        self.middle_block = builder.build_middle_block()
-        self.output_blocks = self._build_output_blocks(builder)
+                 use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False, *,
+                 attention_impl=None):
+        super().__init__(UNetSettings(
+            image_size=image_size, in_channels=in_channels, model_channels=model_channels, out_channels=out_channels,
+            num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, dropout=dropout,
+            channel_mult=channel_mult, conv_resample=conv_resample, dims=dims, num_classes=num_classes,
+            use_checkpoint=use_checkpoint, use_fp16=use_fp16, num_heads=num_heads,
+            num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
+            use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
+            use_new_attention_order=use_new_attention_order, attention_impl=attention_impl,
+        ))
+        s = self.settings
+        self.num_classes = s.num_classes
+        self.num_heads_upsample = s.upsample_heads
+        if s.num_classes is not None:
+            self.label_emb = nn.Embedding(s.num_classes, s.time_embed_dim)
+        encoder = _build_input_blocks(s, self.in_channels)
+        self.input_blocks = encoder.blocks
+        self.middle_block = _build_middle_block(s, encoder.channels)
+        self.output_blocks, ch = _build_output_blocks(s, encoder.skip_channels, encoder.channels, encoder.rate)
         self.out = nn.Sequential(
-            normalization(builder.ch), SiLU(),
-            zero_module(conv_nd(dims, int(self.channel_mult[0] * model_channels), out_channels, 3, padding=1)),
+            normalization(ch), SiLU(), zero_module(conv_nd(s.dims, ch, s.out_channels, 3, padding=1)),
         )
 
-    @classmethod
-    def from_settings(cls, settings):
-        """Build from a UNetSettings."""
-        return cls(**_constructor_args(settings, cls))
-
-    def _build_output_blocks(self, builder):
-        """The decoder: ResBlocks on [h, skip] concatenations, attention, upsampling."""
-        blocks = nn.ModuleList([])
-        for level, mult in list(enumerate(self.channel_mult))[::-1]:
-            for i in range(self.num_res_blocks + 1):
-                skip_ch = builder.skip_chans.pop()
-                layers = [builder.res_block(builder.ch + skip_ch, int(self.model_channels * mult))]
-                builder.ch = int(self.model_channels * mult)
-                if builder.ds in self.attention_resolutions:
-                    layers.append(builder.attention_block(builder.ch, self.num_heads_upsample))
-                if level and i == self.num_res_blocks:
-                    layers.append(self._upsample(builder))
-                    builder.ds //= 2
-                blocks.append(TimestepEmbedSequential(*layers))
-        return blocks
-
-    def _upsample(self, builder):
-        if self.resblock_updown:
-            return builder.res_block(builder.ch, builder.ch, up=True)
-        return Upsample(builder.ch, self.conv_resample, dims=builder.dims, out_channels=builder.ch)
+    def _body(self):
+        return super()._body() + [self.output_blocks]
 
     def forward(self, x, timesteps, y=None):
         """Predict from x (N, C, ...) at timesteps (N,); y (N,) labels when class-conditional."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass class labels y if and only if the model is class-conditional (num_classes set)")
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))  # (N, 4 * model_channels)
+        emb = self._embed(timesteps)
         if self.num_classes is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
@@ -578,16 +643,15 @@ class UNetModel(_NetworkMixin, nn.Module):
 class SuperResModel(UNetModel):
     """A UNet that also sees a low-resolution image, upsampled bilinearly and concatenated.
 
-    in_channels is that of one image; the network takes twice as many.
+    in_channels is that of one image; the network takes twice as many (model.in_channels),
+    model.settings keeps one image's, so that SuperResModel.from_settings(model.settings)
+    builds the same network.
     """
 
-    def __init__(self, image_size, in_channels, *args, **kwargs):
-        super().__init__(image_size, in_channels * 2, *args, **kwargs)
+    _input_images = 2
 
-    @classmethod
-    def from_settings(cls, settings):
-        """Build from a UNetSettings."""
-        return cls(**_constructor_args(settings, cls))
+    def __init__(self, image_size, in_channels, *args, **kwargs):
+        super().__init__(image_size, in_channels, *args, **kwargs)
 
     def forward(self, x, timesteps, low_res=None, **kwargs):
         if low_res is None:
@@ -596,55 +660,43 @@ class SuperResModel(UNetModel):
         return super().forward(th.cat([x, upsampled], dim=1), timesteps, **kwargs)
 
 
-class EncoderUNetModel(_NetworkMixin, nn.Module):
+class EncoderUNetModel(_ADMNetwork):
     """The UNet's encoder half with a pooling head: the noisy-image classifier (ADM, Sec. 4).
 
     :param pool: "adaptive" (GroupNorm, SiLU, global average pool, 1x1 conv),
         "attention" (AttentionPool2d; needs num_head_channels), "spatial" or
         "spatial_v2" (per-block spatial means concatenated, then an MLP).
+    :param attention_impl: as for UNetModel.
     """
+
+    _not_an_argument = "num_classes"
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
                  dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, use_checkpoint=False,
                  use_fp16=False, num_heads=1, num_head_channels=-1, num_heads_upsample=-1,
-                 use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False, pool="adaptive"):
-        super().__init__()
-        self._init_common(image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
-                          dropout, channel_mult, conv_resample, use_checkpoint, use_fp16, num_heads,
-                          num_head_channels, use_scale_shift_norm, resblock_updown, use_new_attention_order)
-        self.num_heads_upsample = num_heads_upsample
-        self.pool = pool
-        builder = _EncoderBuilder(self, in_channels, dims, conv_resample)
-        self.input_blocks = builder.build_input_blocks()
-        self.middle_block = builder.build_middle_block()
-        self._feature_size = builder.feature_size
-        self.out = self._build_head(builder, dims)
-
-    @classmethod
-    def from_settings(cls, settings):
-        """Build from a UNetSettings."""
-        return cls(**_constructor_args(settings, cls))
-
-    def _build_head(self, builder, dims):
-        ch, out_channels = builder.ch, self.out_channels
-        if self.pool == "adaptive":
-            return nn.Sequential(normalization(ch), SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
-                                 zero_module(conv_nd(dims, ch, out_channels, 1)), nn.Flatten())
-        if self.pool == "attention":
-            if self.num_head_channels == -1:
-                raise ValueError("pool='attention' needs num_head_channels")
-            return nn.Sequential(normalization(ch), SiLU(),
-                                 AttentionPool2d(self.image_size // builder.ds, ch, self.num_head_channels, out_channels))
-        if self.pool == "spatial":
-            return nn.Sequential(nn.Linear(self._feature_size, 2048), nn.ReLU(), nn.Linear(2048, out_channels))
-        if self.pool == "spatial_v2":
-            return nn.Sequential(nn.Linear(self._feature_size, 2048), normalization(2048), SiLU(),
-                                 nn.Linear(2048, out_channels))
-        raise NotImplementedError(f"unexpected pool {self.pool!r}: use adaptive, attention, spatial or spatial_v2")
+                 use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False, pool="adaptive",
+                 *, attention_impl=None):
+        super().__init__(UNetSettings(
+            image_size=image_size, in_channels=in_channels, model_channels=model_channels, out_channels=out_channels,
+            num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, dropout=dropout,
+            channel_mult=channel_mult, conv_resample=conv_resample, dims=dims, use_checkpoint=use_checkpoint,
+            use_fp16=use_fp16, num_heads=num_heads, num_head_channels=num_head_channels,
+            num_heads_upsample=num_heads_upsample, use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order, pool=pool,
+            attention_impl=attention_impl,
+        ))
+        s = self.settings
+        self.num_heads_upsample = s.num_heads_upsample  # unused here; the original records it as given
+        self.pool = s.pool
+        encoder = _build_input_blocks(s, self.in_channels)
+        self.input_blocks = encoder.blocks
+        self.middle_block = _build_middle_block(s, encoder.channels)
+        self._feature_size = encoder.feature_size
+        self.out = _build_head(s, encoder.channels, encoder.rate, encoder.feature_size)
 
     def forward(self, x, timesteps):
         """Class logits (N, out_channels) for noisy images x (N, C, H, W) at timesteps (N,)."""
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        emb = self._embed(timesteps)
         spatial = self.pool.startswith("spatial")
         means = []
         h = x.type(self._body_dtype())

@@ -1,24 +1,24 @@
 """Train a noisy-image classifier for guidance (the built-in toy shapes when --data_dir is not given)."""
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import (compile_if_asked, labeled_data_dir, parse_flags, run, schedule_sampler_from_flags,
-                                  start_run)
-from guided_diffusion.image_datasets import load_data
+from guided_diffusion.cli import run, start_run
+from guided_diffusion.flags import CLASSIFIER_TRAIN_FLAGS, parse_flags
+from guided_diffusion.image_datasets import labeled_data_dir, load_data
 from guided_diffusion.script_util import (
-    CLASSIFIER_TRAIN_FLAGS,
     args_to_dict,
     classifier_and_diffusion_defaults,
+    compile_if_asked,
     create_classifier_and_diffusion,
 )
-from guided_diffusion.train_util import ClassifierTrainLoop
+from guided_diffusion.train_util import train_classifier_from_flags
 
 
 def parse_args(argv=None):
     return parse_flags(__doc__, CLASSIFIER_TRAIN_FLAGS, classifier_and_diffusion_defaults(), argv=argv)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     start_run(args, seed=args.seed)
     logger.log("creating model and diffusion...")
     model, diffusion = create_classifier_and_diffusion(**args_to_dict(args, classifier_and_diffusion_defaults().keys()))
@@ -33,16 +33,7 @@ def main():
                                    label_source=args.label_source)
         val_data = load_data(data_dir=val_dir, batch_size=args.batch_size, image_size=args.image_size,
                              class_cond=True, label_source=args.label_source)
-    logger.log("training classifier model...")
-    ClassifierTrainLoop(
-        model=model, diffusion=diffusion, data=data, val_data=val_data, batch_size=args.batch_size,
-        microbatch=args.microbatch, lr=args.lr, iterations=args.iterations, log_interval=args.log_interval,
-        save_interval=args.save_interval, eval_interval=args.eval_interval, resume_checkpoint=args.resume_checkpoint,
-        noised=args.noised, anneal_lr=args.anneal_lr, weight_decay=args.weight_decay,
-        schedule_sampler=schedule_sampler_from_flags(args, diffusion),
-        use_fp16=args.classifier_use_fp16, use_bf16=args.use_bf16,
-    ).run_loop()
-
+    train_classifier_from_flags(args, model, diffusion, data, val_data)
 
 if __name__ == "__main__":
     run(main)

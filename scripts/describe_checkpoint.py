@@ -6,8 +6,9 @@ the shapes)."""
 import json
 import sys
 
-from guided_diffusion.cli import FlagParser, run
+from guided_diffusion.cli import run
 from guided_diffusion.errors import UserError
+from guided_diffusion.flags import FlagParser
 from guided_diffusion.released import describe, format_description
 
 

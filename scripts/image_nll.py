@@ -1,19 +1,20 @@
 """Evaluate a diffusion model's likelihood (bits/dim) on a folder of images."""
 
 from guided_diffusion import logger
-from guided_diffusion.cli import parse_flags, run, start_run, training_data_dir
+from guided_diffusion.cli import run, start_run
 from guided_diffusion.evaluation import run_bpd_evaluation, save_bpd_terms
-from guided_diffusion.image_datasets import load_data
+from guided_diffusion.flags import NLL_FLAGS, parse_flags
+from guided_diffusion.image_datasets import load_data, training_data_dir
 from guided_diffusion.sampling import class_conditional_model, load_model
-from guided_diffusion.script_util import NLL_FLAGS, model_and_diffusion_defaults
+from guided_diffusion.script_util import model_and_diffusion_defaults
 
 
 def parse_args(argv=None):
     return parse_flags(__doc__, NLL_FLAGS, model_and_diffusion_defaults(), argv=argv)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     start_run(args, seed=args.seed)
     model, diffusion = load_model("diffusion", args, args.model_path)
     data = load_data(data_dir=training_data_dir(args.data_dir, args.image_size), batch_size=args.batch_size,

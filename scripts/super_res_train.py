@@ -1,23 +1,24 @@
 """Train a super-resolution diffusion model: large_size images conditioned on their small_size version."""
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.cli import (compile_if_asked, labeled_data_dir, parse_flags, run, start_run, train_diffusion,
-                                  training_data_dir)
-from guided_diffusion.image_datasets import load_superres_data
+from guided_diffusion.cli import run, start_run
+from guided_diffusion.flags import TRAIN_FLAGS, parse_flags
+from guided_diffusion.image_datasets import labeled_data_dir, load_superres_data, training_data_dir
 from guided_diffusion.script_util import (
-    TRAIN_FLAGS,
     args_to_dict,
+    compile_if_asked,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
+from guided_diffusion.train_util import train_diffusion_from_flags
 
 
 def parse_args(argv=None):
     return parse_flags(__doc__, sr_model_and_diffusion_defaults(), TRAIN_FLAGS, argv=argv)  # the training texts win
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     start_run(args, seed=args.seed)
     logger.log("creating model...")
     model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
@@ -27,7 +28,7 @@ def main():
                 if args.class_cond else training_data_dir(args.data_dir, args.large_size))
     data = load_superres_data(data_dir, args.batch_size, large_size=args.large_size, small_size=args.small_size,
                               class_cond=args.class_cond, label_source=args.label_source)
-    train_diffusion(args, model, diffusion, data)
+    train_diffusion_from_flags(args, model, diffusion, data)
 
 
 if __name__ == "__main__":

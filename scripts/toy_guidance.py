@@ -2,12 +2,14 @@
 guidance at several scales, and print how often the samples show their target class, how diverse they are,
 and their FID, precision and recall against held-out real images."""
 
-from guided_diffusion.cli import FlagParser, run
-from guided_diffusion.guidance_experiment import config_from_flags, run_experiment
+from guidance_experiment import config_from_flags, run_experiment
+
+from guided_diffusion.cli import run
+from guided_diffusion.flags import FlagParser
 from guided_diffusion.sampling import SAMPLERS
 
 
-def main():
+def main(argv=None):
     parser = FlagParser(description=__doc__)
     parser.add_argument("--out_dir", default="runs/toy_guidance", help="where checkpoints, grids and the table go")
     parser.add_argument("--scales", default=None,
@@ -25,7 +27,7 @@ def main():
                              "classifier-free guidance of a class-conditional model trained with label dropout")
     parser.add_argument("--p_uncond", type=float, default=None, help="label dropout of the cfg mode (default 0.2)")
     parser.add_argument("--quick", action="store_true", help="tiny models and steps: checks the pipeline in seconds")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     scales = tuple(float(s) for s in args.scales.split(",")) if args.scales else None
     cfg = config_from_flags(quick=args.quick, scales=scales, train_steps=args.train_steps,
                             samples_per_class=args.samples_per_class, image_size=args.image_size, seed=args.seed,

@@ -46,7 +46,8 @@ def main(data_dir, out_dir):
         missing_ok = False
     except (FileNotFoundError, RuntimeError) as exc:
         missing_ok = "missing.pt" in str(exc)
-    th.save({"missing_ok": missing_ok, "params": [p.detach() for p in model.parameters()], "seen": sorted(seen), "moved": moved, "resume_ok": resume_ok,
+    params = [p.detach() for p in model.parameters()]
+    th.save({"missing_ok": missing_ok, "params": params, "seen": sorted(seen), "moved": moved, "resume_ok": resume_ok,
              "world": dist_util.get_world_size()}, f"{out_dir}/rank{rank}.pt")
 
 

@@ -13,6 +13,7 @@ import torch as th
 from guided_diffusion import script_util as su
 from guided_diffusion.cfg import drop_labels, guided_model, has_null_class, label_dropout
 from guided_diffusion.checkpoints import CheckpointMismatchError, load_model_state
+from guided_diffusion.layout_flags import suggest_flags
 from guided_diffusion.sampling import generate, model_fn_from_flags
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -57,7 +58,7 @@ def test_a_null_class_checkpoint_is_recognised_by_its_layout():
     model = su.create_from_flags("diffusion", flags)[0]
     with pytest.raises(CheckpointMismatchError, match="--p_uncond 0.1"):
         load_model_state(model, state, source="cfg.pt", flags=flags,
-                         build=lambda **f: su.create_from_flags("diffusion", f)[0])
+                         build=lambda **f: su.create_from_flags("diffusion", f)[0], suggest=suggest_flags)
     load_model_state(su.create_from_flags("diffusion", {**flags, "p_uncond": 0.5})[0], state, source="cfg.pt")
 
 

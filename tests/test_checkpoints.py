@@ -8,6 +8,7 @@ import torch as th
 
 from guided_diffusion import script_util as su
 from guided_diffusion.checkpoints import CheckpointMismatchError, load_model_state, read_state_dict
+from guided_diffusion.layout_flags import suggest_flags
 
 LAYOUTS = sorted((pathlib.Path(__file__).parent / "data" / "checkpoint_layouts").glob("*.json"))
 
@@ -51,7 +52,8 @@ def mismatch_message(kind, flags, changed):
     build = lambda **f: factory(**f)[0]
     checkpoint = build(**{**args, **changed}).state_dict()
     with pytest.raises(CheckpointMismatchError) as info:
-        load_model_state(build(**args), checkpoint, source="ckpt.pt", flags=args, build=build)
+        load_model_state(build(**args), checkpoint, source="ckpt.pt", flags=args, build=build,
+                         suggest=suggest_flags)
     return str(info.value)
 
 
@@ -79,6 +81,18 @@ def test_mismatch_names_the_differing_flag(kind, flags, changed):
 def test_mismatch_names_several_flags_at_once():
     message = mismatch_message("diffusion", TINY_MODEL, {"class_cond": True, "learn_sigma": True, "num_res_blocks": 2})
     assert "--class_cond True" in message and "--learn_sigma True" in message and "--num_res_blocks 2" in message
+
+
+def test_mismatch_asks_the_given_suggestion_function():
+    """checkpoints knows no flags: the caller may pass the function that names the fitting ones."""
+    args = {**su.model_and_diffusion_defaults(), **TINY_MODEL}
+    build = lambda **f: su.create_from_flags("diffusion", f)[0]
+    seen = []
+    suggest = lambda found, flags, build: seen.append(found) or {"answer": 42}
+    with pytest.raises(CheckpointMismatchError, match="--answer 42"):
+        load_model_state(build(**args), build(**{**args, "learn_sigma": True}).state_dict(), flags=args,
+                         build=build, suggest=suggest)
+    assert seen and seen[0]["out.2.weight"][0] == 6
 
 
 def test_mismatch_lists_the_keys_without_flags():

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch as th
 
+from guided_diffusion import flags as fl
 from guided_diffusion import script_util as su
-from guided_diffusion.cli import TRACEBACK_VAR, FlagParser, given_flags, parse_flags
+from guided_diffusion.cli import TRACEBACK_VAR
 from guided_diffusion.errors import UsageError
+from guided_diffusion.flags import FlagParser, given_flags, parse_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(image_size=16, num_channels=32, num_res_blocks=1, attention_resolutions="8", diffusion_steps=20,
@@ -71,11 +73,11 @@ def test_bad_flag_value_is_a_usage_error(tmp_path):
 ])
 def test_impossible_flag_values_are_usage_errors(argv, named):
     with pytest.raises(UsageError, match=named):
-        parse_flags("test", su.model_and_diffusion_defaults(), su.TRAIN_FLAGS, argv=argv)
+        parse_flags("test", su.model_and_diffusion_defaults(), fl.TRAIN_FLAGS, argv=argv)
 
 
 def test_possible_flag_values_pass_their_checks():
-    args = parse_flags("test", su.model_and_diffusion_defaults(), su.TRAIN_FLAGS,
+    args = parse_flags("test", su.model_and_diffusion_defaults(), fl.TRAIN_FLAGS,
                        argv=["--lr", "0", "--ema_rate", "0.999,0.9999", "--dropout", "0.1", "--batch_size", "1"])
     assert args.lr == 0 and args.ema_rate == "0.999,0.9999" and args.dropout == 0.1 and args.batch_size == 1
 
@@ -200,7 +202,7 @@ def test_errors_under_torchrun_print_once_and_end_every_rank(tmp_path):
 
 
 def test_parse_flags_records_the_given_flags():
-    args = parse_flags("test", su.SAMPLE_FLAGS, su.model_and_diffusion_defaults(),
+    args = parse_flags("test", fl.SAMPLE_FLAGS, su.model_and_diffusion_defaults(),
                        argv=["--num_channels", "64", "--model_p", "m.pt"])
     assert given_flags(args) == {"num_channels", "model_path"} and args.model_path == "m.pt"
     with pytest.raises(UsageError, match="--num_channels"):
@@ -217,19 +219,19 @@ def test_flag_parser_errors_are_usage_errors():
 
 # --------------------------------------------------------------------------- help
 
-MODEL = (su.MODEL_FLAGS, su.DIFFUSION_FLAGS)
-SR_MODEL = (su.FlagGroup(*[f for f in su.MODEL_FLAGS if f.name in su.sr_model_and_diffusion_defaults()]),
-            su.SR_FLAGS, su.DIFFUSION_FLAGS)
+MODEL = (fl.MODEL_FLAGS, fl.DIFFUSION_FLAGS)
+SR_MODEL = (fl.FlagGroup(*[f for f in fl.MODEL_FLAGS if f.name in su.sr_model_and_diffusion_defaults()]),
+            fl.SR_FLAGS, fl.DIFFUSION_FLAGS)
 
 # Each script's flags, the later group's text winning where two define a flag (the script's own groups last).
 SCRIPT_FLAGS = {
-    "scripts/image_train.py": (su.RUN_FLAGS, *MODEL, su.TRAIN_FLAGS),
-    "scripts/super_res_train.py": (su.RUN_FLAGS, *SR_MODEL, su.TRAIN_FLAGS),
-    "scripts/classifier_train.py": (su.RUN_FLAGS, su.CLASSIFIER_FLAGS, su.DIFFUSION_FLAGS, su.CLASSIFIER_TRAIN_FLAGS),
-    "scripts/image_sample.py": (su.RUN_FLAGS, *MODEL, su.SAMPLE_FLAGS),
-    "scripts/classifier_sample.py": (su.RUN_FLAGS, *MODEL, su.CLASSIFIER_FLAGS, su.SAMPLE_FLAGS, su.GUIDANCE_FLAGS),
-    "scripts/super_res_sample.py": (su.RUN_FLAGS, *SR_MODEL, su.SAMPLE_FLAGS, su.SUPER_RES_SAMPLE_FLAGS),
-    "scripts/image_nll.py": (su.RUN_FLAGS, *MODEL, su.NLL_FLAGS),
+    "scripts/image_train.py": (fl.RUN_FLAGS, *MODEL, fl.TRAIN_FLAGS),
+    "scripts/super_res_train.py": (fl.RUN_FLAGS, *SR_MODEL, fl.TRAIN_FLAGS),
+    "scripts/classifier_train.py": (fl.RUN_FLAGS, fl.CLASSIFIER_FLAGS, fl.DIFFUSION_FLAGS, fl.CLASSIFIER_TRAIN_FLAGS),
+    "scripts/image_sample.py": (fl.RUN_FLAGS, *MODEL, fl.SAMPLE_FLAGS),
+    "scripts/classifier_sample.py": (fl.RUN_FLAGS, *MODEL, fl.CLASSIFIER_FLAGS, fl.SAMPLE_FLAGS, fl.GUIDANCE_FLAGS),
+    "scripts/super_res_sample.py": (fl.RUN_FLAGS, *SR_MODEL, fl.SAMPLE_FLAGS, fl.SUPER_RES_SAMPLE_FLAGS),
+    "scripts/image_nll.py": (fl.RUN_FLAGS, *MODEL, fl.NLL_FLAGS),
 }
 OTHER_SCRIPTS = ["scripts/toy_guidance.py", "scripts/describe_checkpoint.py", "evaluations/evaluator.py",
                  "evaluations/make_reference_batch.py"]

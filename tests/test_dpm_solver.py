@@ -13,11 +13,15 @@ import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion.dpm_solver import (dpm_solver_sample_loop, dynamic_threshold, log_snr, solver_step, step_order,
-                                         step_timesteps)
-from guided_diffusion.gaussian_diffusion import (GaussianDiffusion, LossType, ModelMeanType, ModelVarType,
-                                                 get_named_beta_schedule)
+from guided_diffusion.gaussian_diffusion import (
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    get_named_beta_schedule,
+)
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+from guided_diffusion.samplers import dynamic_threshold, log_snr, sample_dpmpp, solver_step, step_order, step_timesteps
 
 SHAPE = (6, 1, 2, 2)
 
@@ -63,8 +67,8 @@ def _noise(seed=0):
 
 def _error(diffusion, data, steps, order, schedule="logsnr", lower_order_final=True, **kwargs):
     x_T = _noise()
-    out = dpm_solver_sample_loop(diffusion, data.eps, SHAPE, steps=steps, order=order, schedule=schedule,
-                                 noise=x_T, clip_denoised=False, lower_order_final=lower_order_final, **kwargs)
+    out = sample_dpmpp(diffusion, data.eps, x_T, steps=steps, order=order, schedule=schedule, clip_denoised=False,
+                       lower_order_final=lower_order_final, **kwargs)
     return float((out.double() - data.exact_output(x_T).double()).abs().max())
 
 
@@ -105,8 +109,7 @@ def test_first_order_is_ddim_with_guidance():
 
     x_T = _noise(1)
     ddim = diffusion.ddim_sample_loop(data.eps, SHAPE, noise=x_T, clip_denoised=True, cond_fn=cond_fn)
-    ours = dpm_solver_sample_loop(diffusion, data.eps, SHAPE, steps=10, order=1, noise=x_T, clip_denoised=True,
-                                  cond_fn=cond_fn)
+    ours = sample_dpmpp(diffusion, data.eps, x_T, steps=10, order=1, clip_denoised=True, cond_fn=cond_fn)
     assert th.allclose(ours, ddim, atol=1e-5)
 
 
@@ -127,12 +130,11 @@ def test_classifier_guidance_reaches_the_exact_posterior():
         return ((1.0 - data.x0(x, t).double()) / (var_x0 + r ** 2) * slope).float()
 
     x_T = _noise(2)
-    guided = dpm_solver_sample_loop(diffusion, data.eps, SHAPE, steps=50, noise=x_T, clip_denoised=False,
-                                    cond_fn=cond_fn)
+    guided = sample_dpmpp(diffusion, data.eps, x_T, steps=50, clip_denoised=False, cond_fn=cond_fn)
     assert float((guided - posterior.exact_output(x_T)).abs().max()) < 0.01
     # over many draws the guided mean is the posterior mean
-    many = dpm_solver_sample_loop(diffusion, data.eps, (4000, 1, 1, 1), steps=20, clip_denoised=False,
-                                  cond_fn=cond_fn, noise=th.randn(4000, 1, 1, 1, generator=th.Generator().manual_seed(3)))
+    many = sample_dpmpp(diffusion, data.eps, th.randn(4000, 1, 1, 1, generator=th.Generator().manual_seed(3)),
+                        steps=20, clip_denoised=False, cond_fn=cond_fn)
     assert float(many.mean()) == pytest.approx(posterior.mu, abs=0.03)
     assert float(many.std()) == pytest.approx(posterior.s, rel=0.05)
 
@@ -145,16 +147,17 @@ def test_eps_and_x0_models_of_the_same_function_give_the_same_samples():
     for kwargs in (dict(order=2), dict(order=3), dict(order=2, sde=True)):
         outs = []
         for diffusion, model in ((eps_diffusion, data.eps), (x0_diffusion, lambda x, t, y=None: data.x0(x, t))):
-            outs.append(dpm_solver_sample_loop(diffusion, model, SHAPE, steps=12, noise=x_T, clip_denoised=True,
-                                               generator=th.Generator().manual_seed(5), **kwargs))
+            outs.append(sample_dpmpp(diffusion, model, x_T, steps=12, clip_denoised=True,
+                                     generator=th.Generator().manual_seed(5), **kwargs))
         assert th.allclose(outs[0], outs[1], atol=1e-4)
 
 
 def test_sde_variant_samples_the_data_distribution():
     diffusion = _diffusion("cosine")
     data = GaussianData(diffusion.alphas_cumprod)
-    out = dpm_solver_sample_loop(diffusion, data.eps, (4000, 1, 1, 1), steps=25, sde=True, clip_denoised=False,
-                                 generator=th.Generator().manual_seed(6))
+    gen = th.Generator().manual_seed(6)
+    out = sample_dpmpp(diffusion, data.eps, th.randn(4000, 1, 1, 1, generator=gen), steps=25, sde=True,
+                       clip_denoised=False, generator=gen)
     assert float(out.mean()) == pytest.approx(data.mu, abs=0.03)
     assert float(out.std()) == pytest.approx(data.s, rel=0.05)
 
@@ -171,7 +174,7 @@ def test_respaced_diffusion_uses_its_own_timesteps():
         return data.eps(x, t)
 
     x_T = _noise(7)
-    out = dpm_solver_sample_loop(spaced, model, SHAPE, steps=20, noise=x_T, clip_denoised=False, schedule="logsnr")
+    out = sample_dpmpp(spaced, model, x_T, steps=20, clip_denoised=False, schedule="logsnr")
     assert seen <= set(spaced.timestep_map) and 0 in seen and 999 in seen
     assert float((out - data.exact_output(x_T)).abs().max()) < 0.03
 
@@ -227,5 +230,5 @@ def test_the_loop_builds_no_autograd_graph():
             x_in = x.detach().requires_grad_(True)
             return th.autograd.grad(net(x_in).sum(), x_in)[0]
 
-    out = dpm_solver_sample_loop(diffusion, lambda x, t, y=None: net(x), SHAPE, steps=4, cond_fn=cond_fn)
+    out = sample_dpmpp(diffusion, lambda x, t, y=None: net(x), _noise(), steps=4, cond_fn=cond_fn)
     assert not out.requires_grad

@@ -61,10 +61,9 @@ def assert_grads_close(grads, ref_grads):
 @pytest.mark.parametrize("impl", ["sdpa", "einsum"])
 @pytest.mark.parametrize("new_order", [False, True])
 @pytest.mark.parametrize("spatial", [(7, 7), (5, 3)])
-def test_attention_block_matches_the_original_computation(impl, new_order, spatial, monkeypatch):
-    monkeypatch.setattr(unet, "_attention_impl", impl)
+def test_attention_block_matches_the_original_computation(impl, new_order, spatial):
     th.manual_seed(0)
-    block = randomise(AttentionBlock(128, num_head_channels=64, use_new_attention_order=new_order))
+    block = randomise(AttentionBlock(128, num_head_channels=64, use_new_attention_order=new_order, attention_impl=impl))
     x = th.randn(2, 128, *spatial)
     out, grads = outputs_and_grads(block, block, x)
     ref_out, ref_grads = outputs_and_grads(lambda z: reference_attention_block(block, z, new_order), block, x)
@@ -91,10 +90,10 @@ def reference_attention_pool(pool, x):
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "einsum"])
-def test_attention_pool_with_one_query_matches_the_original(impl, monkeypatch):
-    monkeypatch.setattr(unet, "_attention_impl", impl)
+def test_attention_pool_with_one_query_matches_the_original(impl):
     th.manual_seed(2)
-    pool = randomise(AttentionPool2d(spacial_dim=5, embed_dim=128, num_heads_channels=64, output_dim=10))
+    pool = randomise(AttentionPool2d(spacial_dim=5, embed_dim=128, num_heads_channels=64, output_dim=10,
+                                     attention_impl=impl))
     x = th.randn(3, 128, 5, 5)
     out, grads = outputs_and_grads(pool, pool, x)
     ref_out, ref_grads = outputs_and_grads(lambda z: reference_attention_pool(pool, z), pool, x)
@@ -118,7 +117,7 @@ def test_fused_optimizer_steps_like_plain_adamw():
     plain = [th.nn.Parameter(p.detach().clone()) for p in fast]
     opts = [make_optimizer(fast, lr=1e-2, weight_decay=0.1),
             th.optim.AdamW(plain, lr=1e-2, weight_decay=0.1, foreach=False)]
-    for step in range(5):
+    for _ in range(5):
         grads = [th.randn_like(p) for p in fast]
         for params, opt in zip((fast, plain), opts):
             for p, g in zip(params, grads):
@@ -142,16 +141,16 @@ def test_logged_norms_are_the_global_l2_norms():
 def test_compile_flag_compiles_in_place_or_falls_back(monkeypatch):
     from argparse import Namespace
 
-    from guided_diffusion import cli
+    from guided_diffusion import script_util as su
 
     lines = []
-    monkeypatch.setattr(cli.logger, "log", lambda *args, **kwargs: lines.append(" ".join(map(str, args))))
+    monkeypatch.setattr(su.logger, "log", lambda *args, **kwargs: lines.append(" ".join(map(str, args))))
     th.manual_seed(6)
     model, x = th.nn.Linear(4, 3), th.randn(2, 4)
     expected = model(x)
     keys = list(model.state_dict())
-    assert cli.compile_if_asked(model, Namespace(compile=False)) is model and not lines
-    cli.compile_if_asked(model, Namespace(compile=True), backend="eager")  # a backend that needs no compiler
+    assert su.compile_if_asked(model, Namespace(compile=False)) is model and not lines
+    su.compile_if_asked(model, Namespace(compile=True), backend="eager")  # a backend that needs no compiler
     th.testing.assert_close(model(x), expected)
     assert list(model.state_dict()) == keys and len(lines) == 1 and "torch.compile (eager)" in lines[0]
 
@@ -160,5 +159,5 @@ def test_compile_flag_compiles_in_place_or_falls_back(monkeypatch):
 
     monkeypatch.setattr(th.nn.Module, "compile", unavailable)
     plain = th.nn.Linear(4, 3)
-    assert cli.compile_if_asked(plain, Namespace(compile=True)) is plain
+    assert su.compile_if_asked(plain, Namespace(compile=True)) is plain
     assert len(lines) == 2 and "running eagerly" in lines[1]

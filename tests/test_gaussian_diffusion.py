@@ -12,6 +12,7 @@ import pytest
 import torch as th
 
 from guided_diffusion import gaussian_diffusion as gd
+from guided_diffusion import samplers
 from guided_diffusion.gaussian_diffusion import (
     GaussianDiffusion,
     LossType,
@@ -189,7 +190,7 @@ def test_variance_types():
     d = make_diffusion(steps=100, var=ModelVarType.LEARNED_RANGE)
     for v, logs in [(-1.0, logpost[[0, 10, 99]]), (1.0, np.log(base.betas[[0, 10, 99]])),
                     (0.0, (logpost[[0, 10, 99]] + np.log(base.betas[[0, 10, 99]])) / 2)]:
-        out = d.p_mean_variance(lambda x, ts: th.cat([x, th.full_like(x, v)], 1), x, t)
+        out = d.p_mean_variance(lambda x, ts, v=v: th.cat([x, th.full_like(x, v)], 1), x, t)
         np.testing.assert_allclose(out["log_variance"][:, 0, 0, 0].numpy(), logs, rtol=1e-5)
     d = make_diffusion(steps=100, var=ModelVarType.LEARNED)
     out = d.p_mean_variance(lambda x, ts: th.cat([x, th.full_like(x, -2.5)], 1), x, t)
@@ -340,6 +341,24 @@ def test_progress_bar(capsys):
     d = make_diffusion(steps=5, schedule="cosine")
     d.p_sample_loop(smooth_eps_model, SHAPE, progress=True)
     assert "5/5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_plain_loop_is_the_last_step_of_the_progressive_one(sampler):
+    """One loop behind both: with the same generator seed the plain loop returns the progressive one's last sample."""
+    d = make_diffusion(steps=15, schedule="cosine")
+    plain, progressive = {"ddpm": (d.p_sample_loop, d.p_sample_loop_progressive),
+                          "ddim": (d.ddim_sample_loop, d.ddim_sample_loop_progressive)}[sampler]
+    extra = {"eta": 1.0} if sampler == "ddim" else {}  # eta = 1: DDIM draws noise at every step too
+    final = plain(smooth_eps_model, SHAPE, generator=th.Generator().manual_seed(3), **extra)
+    steps = list(progressive(smooth_eps_model, SHAPE, generator=th.Generator().manual_seed(3), **extra))
+    assert len(steps) == 15
+    th.testing.assert_close(final, steps[-1]["sample"], rtol=0, atol=0)
+    # The flat functions of samplers.py are the same computation from the same x_T.
+    flat = getattr(samplers, f"sample_{sampler}")
+    gen = th.Generator().manual_seed(3)
+    x_T = th.randn(SHAPE, generator=gen)
+    th.testing.assert_close(flat(d, smooth_eps_model, x_T, generator=gen, **extra), final, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- guidance

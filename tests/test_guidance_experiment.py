@@ -1,16 +1,30 @@
-"""The main job's measurements: the held-out split, the judge's features, one table row."""
+"""The main job's steps and measurements: in-process script runs, the held-out split, the judge's features,
+one table row."""
 
+import os
+import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion.guidance_experiment import (ExperimentConfig, classifier_flags, format_table, held_out_real,
-                                                  judge_outputs, table_row)
-from guided_diffusion.metrics import compute_statistics
-from guided_diffusion.script_util import classifier_defaults, create_classifier
-from guided_diffusion.toy_data import TOY_CLASSES
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from guidance_experiment import (  # noqa: E402  (the scripts folder is not a package)
+    ExperimentConfig,
+    classifier_flags,
+    format_table,
+    held_out_real,
+    judge_outputs,
+    run_step,
+    table_row,
+)
+
+from guided_diffusion import logger  # noqa: E402
+from guided_diffusion.errors import UserError  # noqa: E402
+from guided_diffusion.metrics import compute_statistics  # noqa: E402
+from guided_diffusion.script_util import classifier_defaults, create_classifier  # noqa: E402
+from guided_diffusion.toy_data import TOY_CLASSES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +82,34 @@ def test_table_row_measures_samples_against_the_reference(judge, held_out):
     assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and row["fid"] > 0
     table = format_table([row, own]).splitlines()
     assert "FID" in table[0] and "precision" in table[0] and "recall" in table[0] and len(table) == 3
+
+
+def test_a_step_logs_to_its_folder_and_restores_the_callers_logger(tmp_path, capsys):
+    def fake_main(argv):
+        logger.configure(dir=argv[argv.index("--log_dir") + 1], format_strs=["stdout", "log"])
+        logger.log("inside the step")
+        print("printed", file=sys.stderr)
+        return argv[:-2]
+
+    previous = logger.Logger.CURRENT
+    assert run_step("fake", fake_main, ["--a", "1"], str(tmp_path / "step")) == ["--a", "1"]
+    assert logger.Logger.CURRENT is previous
+    assert capsys.readouterr() == ("", "")  # the console stays the main job's
+    assert "inside the step" in (tmp_path / "step" / "log.txt").read_text()
+    assert "inside the step" in (tmp_path / "step" / "stdout.txt").read_text()
+    assert "printed" in (tmp_path / "step" / "stdout.txt").read_text()
+
+
+def test_a_failing_step_names_itself_and_its_log(tmp_path, capsys):
+    import image_train
+
+    with pytest.raises(UserError, match=r"the diffusion training step failed \(unrecognized arguments: --no_such"):
+        run_step("diffusion training", image_train.main, ["--no_such_flag", "1"], str(tmp_path / "step"))
+    assert capsys.readouterr() == ("", "")
+    assert "UsageError" in (tmp_path / "step" / "stdout.txt").read_text()  # the traceback is in the log
+
+    def buggy_main(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(UserError, match=r"the buggy step failed \(KeyError: 'a bug'\); its log: .*stdout.txt"):
+        run_step("buggy", buggy_main, [], str(tmp_path / "bug"))

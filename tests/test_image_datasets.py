@@ -8,20 +8,25 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion import image_datasets
+from guided_diffusion import dist_util, logger
+from guided_diffusion.errors import UsageError
 from guided_diffusion.image_datasets import (
     CLASS_NAMES_FILE,
     ImageDataset,
     _list_image_files_recursively,
     center_crop_arr,
     class_names,
+    class_names_beside,
     find_class_names,
+    labeled_data_dir,
     load_data,
     load_superres_data,
     random_crop_arr,
     read_class_names,
     save_class_names,
+    training_data_dir,
 )
+from guided_diffusion.toy_data import TOY_CLASSES
 
 
 def _solid(path, value, size=(16, 16)):
@@ -156,7 +161,8 @@ def test_shards_are_disjoint_and_cover_everything(tmp_path):
 def test_load_data_reads_only_this_ranks_shard(tmp_path, monkeypatch):
     for i in range(6):
         _solid(str(tmp_path / f"img_{i}.png"), 10 * i)
-    monkeypatch.setattr(image_datasets, "_rank_and_world", lambda: (1, 2))
+    monkeypatch.setattr(dist_util, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist_util, "get_world_size", lambda: 2)
     data = load_data(data_dir=str(tmp_path), batch_size=3, image_size=8,
                      deterministic=True)
     assert _grey_of(next(data)[0]) == [10, 30, 50]
@@ -386,3 +392,29 @@ def test_error_corrupt_class_names_file(tmp_path, content):
     assert str(path) in str(info.value)
     with pytest.raises(ValueError, match=CLASS_NAMES_FILE):
         find_class_names(str(tmp_path / "model.pt"))
+
+
+# --- which folder to train on -------------------------------------------------
+
+
+def test_training_data_dir_keeps_a_given_folder_and_falls_back_to_the_toy_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("GUIDED_DIFFUSION_DATA", str(tmp_path / "cache"))
+    assert training_data_dir("my/images", 8) == "my/images"
+    with logger.scoped_configure(dir=str(tmp_path / "logs"), format_strs=[]):
+        train, val = training_data_dir("", 8), training_data_dir("", 8, validation=True)
+    assert train != val and os.path.dirname(train) == str(tmp_path / "cache")
+    assert class_names(train) == list(TOY_CLASSES) == class_names(val)
+    first = lambda folder: np.array(Image.open(os.path.join(folder, "circle_00000.png")))
+    assert not np.array_equal(first(train), first(val))  # held out: other images of the same classes
+
+
+def test_labeled_data_dir_saves_the_class_map_beside_the_checkpoints(tmp_path):
+    for name in ("dog", "cat"):
+        _solid(str(tmp_path / "data" / f"{name}_0.png"), 1)
+    with logger.scoped_configure(dir=str(tmp_path / "logs"), format_strs=[]):
+        assert labeled_data_dir(str(tmp_path / "data"), 8, num_classes=2) == str(tmp_path / "data")
+    assert read_class_names(str(tmp_path / "logs" / CLASS_NAMES_FILE)) == ["cat", "dog"]
+    assert class_names_beside("", str(tmp_path / "logs" / "model000100.pt")) == ["cat", "dog"]
+    assert class_names_beside(str(tmp_path / "data" / "model.pt")) is None
+    with pytest.raises(UsageError, match="pass --num_classes 2"):
+        labeled_data_dir(str(tmp_path / "data"), 8, num_classes=1, validation=True)

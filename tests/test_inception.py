@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion.inception import (FIDInceptionV3, from_torchvision_names, default_weights_path, load_inception,
-                                        preprocess, resize_bilinear_tf1, torchvision_layer_names)
+from guided_diffusion.inception import (
+    FIDInceptionV3,
+    default_weights_path,
+    from_torchvision_names,
+    load_inception,
+    preprocess,
+    resize_bilinear_tf1,
+    torchvision_layer_names,
+)
 
 
 def _tf1_resize_reference(img, out_h, out_w):

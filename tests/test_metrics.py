@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from guided_diffusion.metrics import (FIDStatistics, compute_statistics, frechet_distance, inception_score,
-                                      manifold_radii, pairwise_distances, precision_recall)
+from guided_diffusion.metrics import (
+    FIDStatistics,
+    compute_statistics,
+    frechet_distance,
+    inception_score,
+    manifold_radii,
+    pairwise_distances,
+    precision_recall,
+)
 
 
 def _random_stats(rng, n=60, d=5):

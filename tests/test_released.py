@@ -10,9 +10,18 @@ import pytest
 import torch as th
 
 from guided_diffusion import script_util as su
-from guided_diffusion.checkpoints import LAYOUT_FREE_FLAGS, layout_of
-from guided_diffusion.released import (RELEASED, checkpoint_kind, describe, describe_state, format_description,
-                                       match_released, released_flags, released_layout)
+from guided_diffusion.checkpoints import layout_of
+from guided_diffusion.layout_flags import LAYOUT_FREE_FLAGS
+from guided_diffusion.released import (
+    RELEASED,
+    checkpoint_kind,
+    describe,
+    describe_state,
+    format_description,
+    match_released,
+    released_flags,
+    released_layout,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYOUT_DIR = ROOT / "tests" / "data" / "checkpoint_layouts"

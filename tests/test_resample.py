@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion.gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
+from guided_diffusion.gaussian_diffusion import (
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    get_named_beta_schedule,
+)
 from guided_diffusion.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 
 

@@ -1,19 +1,21 @@
 """Sampling helpers: guidance, per-sample randomness, batching over ranks, outputs."""
 
+import argparse
+import os
+
 import numpy as np
 import pytest
 import torch as th
 from PIL import Image
 
+from guided_diffusion import logger
 from guided_diffusion import script_util as su
-from guided_diffusion.evaluation import run_bpd_evaluation
-import argparse
-
+from guided_diffusion.evaluation import run_bpd_evaluation, save_bpd_terms
 from guided_diffusion.sampling import (
     classifier_cond_fn,
     draw_labels,
+    finish_sampling,
     generate,
-    image_grid,
     rank_batches,
     resolve_sampler,
     sample_generators,
@@ -141,9 +143,14 @@ def test_save_samples_writes_npz_and_grid(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples_5x6x6x3.npz", "samples_5x6x6x3.png"]
 
 
-def test_image_grid_layout():
-    images = np.zeros((3, 2, 2, 3), dtype=np.uint8)
-    assert image_grid(images, nrow=3, pad=1).shape == (4, 10, 3)
+def test_finish_sampling_saves_the_label_names_and_logs_the_path(tmp_path):
+    images = np.zeros((3, 4, 4, 3), dtype=np.uint8)
+    with logger.scoped_configure(dir=str(tmp_path), format_strs=["log"]):
+        path = finish_sampling(images, np.array([0, 1, 5]), class_names=["cat", "dog"])
+    assert path == str(tmp_path / "samples_3x4x4x3.npz")
+    with np.load(path) as f:
+        assert f["label_names"].tolist() == ["cat", "dog", "class 5"]  # 5: past the map, e.g. the null class
+    assert f"3 samples saved to {path}" in (tmp_path / "log.txt").read_text()
 
 
 def test_bpd_evaluation_matches_calc_bpd_loop():
@@ -162,3 +169,11 @@ def test_bpd_evaluation_matches_calc_bpd_loop():
     assert bpd == pytest.approx(direct["total_bpd"].mean().item(), rel=1e-5)
     assert prior == pytest.approx(direct["prior_bpd"].mean().item(), rel=1e-5)
     np.testing.assert_allclose(means["vb"], direct["vb"].mean(0).numpy(), rtol=1e-5)
+
+
+def test_save_bpd_terms_writes_one_npz_per_term(tmp_path):
+    means = {"vb": np.arange(3.0), "mse": np.ones(3)}
+    paths = save_bpd_terms(means, str(tmp_path))
+    assert sorted(os.path.basename(p) for p in paths) == ["mse_terms.npz", "vb_terms.npz"]
+    with np.load(tmp_path / "vb_terms.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], means["vb"])

@@ -6,6 +6,7 @@ import inspect
 import pytest
 import torch as th
 
+from guided_diffusion import flags as fl
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion import script_util as su
 
@@ -42,9 +43,9 @@ def test_factories_take_exactly_the_flags(defaults, factory):
 
 
 def test_every_flag_has_help():
-    for group in (su.DIFFUSION_FLAGS, su.MODEL_FLAGS, su.CLASSIFIER_FLAGS, su.SR_FLAGS):
+    for group in (fl.DIFFUSION_FLAGS, fl.MODEL_FLAGS, fl.CLASSIFIER_FLAGS, fl.SR_FLAGS):
         for flag in group:
-            assert flag.help and su.FLAG_BY_NAME[flag.name].help
+            assert flag.help and fl.FLAG_BY_NAME[flag.name].help
 
 
 def test_channel_mult_table_and_explicit_values():
@@ -75,6 +76,20 @@ def test_num_classes_reaches_every_network():
     clf = su.create_classifier(**{**su.classifier_defaults(), "image_size": 16, "classifier_width": 64,
                                   "classifier_depth": 1, "num_classes": 7})
     assert clf(th.randn(2, 3, 16, 16), th.tensor([0, 1])).shape == (2, 7)
+
+
+def test_string_flags_become_typed_settings_once():
+    settings = su.unet_settings(64, 32, 1, attention_resolutions="32,16", learn_sigma=True, class_cond=True,
+                                num_classes=10, p_uncond=0.1, use_fp16=True)
+    assert settings.attention_resolutions == (2, 4) and settings.channel_mult == (1, 2, 3, 4)
+    assert settings.out_channels == 6 and settings.num_classes == 11 and settings.use_fp16 is True
+    built = su.create_model(64, 32, 1, attention_resolutions="32,16", learn_sigma=True, class_cond=True,
+                            num_classes=10, p_uncond=0.1)
+    from_settings = type(built).from_settings(su.unet_settings(64, 32, 1, attention_resolutions="32,16",
+                                                                learn_sigma=True, class_cond=True, num_classes=10,
+                                                                p_uncond=0.1))
+    assert [(k, v.shape) for k, v in built.state_dict().items()] == \
+           [(k, v.shape) for k, v in from_settings.state_dict().items()]
 
 
 def test_explicit_channel_mult_reaches_the_network():
@@ -147,9 +162,9 @@ def test_readme_flags_reference_lists_every_flag():
 
     readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
     reference = readme[readme.index("## Flags reference"):]
-    groups = (su.DIFFUSION_FLAGS, su.MODEL_FLAGS, su.CLASSIFIER_FLAGS, su.SR_FLAGS, su.TRAIN_FLAGS,
-              su.CLASSIFIER_TRAIN_FLAGS, su.SAMPLE_FLAGS, su.GUIDANCE_FLAGS, su.SUPER_RES_SAMPLE_FLAGS, su.NLL_FLAGS,
-              su.RUN_FLAGS)
+    groups = (fl.DIFFUSION_FLAGS, fl.MODEL_FLAGS, fl.CLASSIFIER_FLAGS, fl.SR_FLAGS, fl.TRAIN_FLAGS,
+              fl.CLASSIFIER_TRAIN_FLAGS, fl.SAMPLE_FLAGS, fl.GUIDANCE_FLAGS, fl.SUPER_RES_SAMPLE_FLAGS, fl.NLL_FLAGS,
+              fl.RUN_FLAGS)
     for group in groups:
         for flag in group:
             assert f"`--{flag.name}` | `{flag.default!r}`" in reference or \

@@ -1,5 +1,6 @@
 """TrainLoop, ClassifierTrainLoop and MixedPrecisionTrainer on tiny models, in one process."""
 
+import argparse
 import copy
 import csv
 import os
@@ -9,10 +10,19 @@ import pytest
 import torch as th
 
 from guided_diffusion import checkpoints, files, logger
+from guided_diffusion import flags as fl
 from guided_diffusion import script_util as su
+from guided_diffusion.errors import UsageError
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
-from guided_diffusion.resample import LossSecondMomentResampler
-from guided_diffusion.train_util import ClassifierTrainLoop, TrainLoop, parse_resume_step_from_filename
+from guided_diffusion.resample import LossSecondMomentResampler, UniformSampler
+from guided_diffusion.train_util import (
+    ClassifierTrainLoop,
+    TrainLoop,
+    parse_resume_step_from_filename,
+    schedule_sampler_from_flags,
+    train_classifier_from_flags,
+    train_diffusion_from_flags,
+)
 
 MODEL_FLAGS = dict(image_size=16, num_channels=32, num_res_blocks=1, attention_resolutions="8", learn_sigma=True,
                    class_cond=True, diffusion_steps=100)
@@ -59,7 +69,7 @@ def test_a_few_steps_lower_the_diffusion_loss(log_dir):
     before = fixed_t_loss(loop, batch, cond)
     for _ in range(15):
         loop.run_step(batch, cond)
-        loop.step += 1
+    assert loop.step == loop.global_step == 15
     assert fixed_t_loss(loop, batch, cond) < 0.8 * before
 
 
@@ -127,13 +137,14 @@ def test_loss_aware_sampler_is_updated(log_dir):
 
 
 def run_steps(loop, n, seed):
-    """n steps with seeded timesteps and noise, counted like run_loop does."""
+    """n steps with seeded timesteps and noise; each run_step advances the step counter by one."""
     np.random.seed(seed)
     th.manual_seed(seed)
     for _ in range(n):
+        before = (loop.step, loop.global_step)
         batch, cond = next(loop.data)
         loop.run_step(batch, cond)
-        loop.step += 1
+        assert (loop.step, loop.global_step) == (before[0] + 1, before[1] + 1)
 
 
 def test_save_then_resume_restores_everything_and_continues_identically(log_dir):
@@ -150,7 +161,7 @@ def test_save_then_resume_restores_everything_and_continues_identically(log_dir)
     assert parse_resume_step_from_filename(str(log_dir / "model000002.pt")) == 2
 
     resumed = make_loop(resume_checkpoint=str(log_dir / "model000002.pt"))
-    assert resumed.resume_step == 2 and resumed.global_step() == 2
+    assert resumed.resume_step == 2 and resumed.global_step == 2 and resumed.step == 0
     for a, b in zip(resumed.model.parameters(), first.model.parameters()):
         assert th.equal(a, b)
     for ema_a, ema_b in zip(resumed.ema_params, first.ema_params):
@@ -158,6 +169,7 @@ def test_save_then_resume_restores_everything_and_continues_identically(log_dir)
     assert_same_optimizer_state(resumed.opt, first.opt)
 
     run_steps(resumed, 2, seed=2)
+    assert resumed.step == 2 and resumed.global_step == 4
     for a, b in zip(resumed.model.parameters(), reference.model.parameters()):
         th.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     resumed.save()
@@ -327,3 +339,58 @@ def test_classifier_resumed_run_logs_global_steps(log_dir):
     make_classifier_loop(iterations=11, log_interval=4, eval_interval=100,
                          resume_checkpoint=str(log_dir / "model000005.pt")).run_loop()
     assert_logged_steps(log_dir, [1, 4, 5, 6, 8, 11], loss_key="train_loss")
+
+
+def test_classifier_run_step_advances_the_step_and_evaluation_is_chosen_explicitly(log_dir):
+    loop = make_classifier_loop(eval_interval=100)
+    batch, cond = next(fixed_batches())
+    loop.run_step(batch, cond)
+    loop.run_step(batch, cond)
+    assert loop.step == loop.global_step == 2 and logger.getkvs()["step"] == 2
+    loop.mp_trainer.zero_grad()
+    loop.forward_backward_log(batch, cond["y"], train=False)  # gradients enabled, yet no backward pass
+    assert all(p.grad is None for p in loop.model.parameters())
+    assert "val_loss" in logger.getkvs()
+    loop.forward_backward_log(batch, cond["y"], train=True)
+    assert all(p.grad is not None for p in loop.model.parameters())
+
+
+# ---------------------------------------------------------------- from flags
+
+
+def train_args(defaults, **overrides):
+    return argparse.Namespace(**{**defaults, **overrides})
+
+
+def test_train_diffusion_from_flags_drops_labels_for_classifier_free_guidance(log_dir):
+    flags = {**su.model_and_diffusion_defaults(), **MODEL_FLAGS, "p_uncond": 0.5}
+    model, diffusion = su.create_model_and_diffusion(**flags)
+    args = train_args({**flags, **fl.TRAIN_FLAGS.defaults()}, lr_anneal_steps=2, batch_size=8, save_interval=100)
+    loop = train_diffusion_from_flags(args, model, diffusion, fixed_batches())
+    assert loop.global_step == 2 and isinstance(loop.schedule_sampler, UniformSampler)
+    assert sorted(p.name for p in log_dir.glob("model*.pt")) == ["model000002.pt"]
+    th.manual_seed(0)
+    labels = th.cat([next(loop.data)[1]["y"] for _ in range(4)])  # 32 labels, each dropped with probability 0.5
+    assert (labels == args.num_classes).any() and (labels < 4).any()
+    assert set(labels.tolist()) <= {0, 1, 2, 3, args.num_classes}
+
+
+def test_unknown_schedule_sampler_flag_is_a_usage_error():
+    _, diffusion = tiny_model_and_diffusion()
+    assert isinstance(schedule_sampler_from_flags(train_args({"schedule_sampler": "loss-second-moment"}), diffusion),
+                      LossSecondMomentResampler)
+    with pytest.raises(UsageError, match="unknown schedule sampler"):
+        schedule_sampler_from_flags(train_args({"schedule_sampler": "sorted"}), diffusion)
+
+
+def test_train_classifier_from_flags(log_dir):
+    flags = {**su.classifier_and_diffusion_defaults(), "image_size": 16, "classifier_width": 64,
+             "classifier_depth": 1, "classifier_attention_resolutions": "8", "diffusion_steps": 100}
+    model, diffusion = su.create_classifier_and_diffusion(**flags)
+    args = train_args({**flags, **fl.CLASSIFIER_TRAIN_FLAGS.defaults()}, iterations=3, batch_size=8, save_interval=2,
+                      eval_interval=2)
+    loop = train_classifier_from_flags(args, model, diffusion, fixed_batches(), val_data=fixed_batches(seed=1))
+    assert loop.global_step == 3 and loop.noised
+    assert sorted(p.name for p in log_dir.glob("*.pt")) == [
+        "model000002.pt", "model000003.pt", "opt000002.pt", "opt000003.pt"]
+    assert "val_loss" in logged_rows(log_dir)[0]

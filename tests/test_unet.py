@@ -158,6 +158,62 @@ def test_sdpa_and_einsum_give_the_same_unet(monkeypatch):
         unet.set_attention_implementation("flash9")
 
 
+def attention_kernels(model):
+    """The attention_impl of every QKV attention module in model."""
+    return {m.attention_impl for m in model.modules() if isinstance(m, (QKVAttention, QKVAttentionLegacy))}
+
+
+def count_fused_calls(monkeypatch):
+    calls = []
+    fused = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    return calls
+
+
+def test_two_models_in_one_process_use_their_own_kernels(monkeypatch):
+    monkeypatch.setattr(unet, "_attention_impl", "sdpa")  # the module default, which neither follows
+    th.manual_seed(0)
+    einsum = randomise(tiny_unet(num_head_channels=16, attention_impl="einsum"))
+    fused = tiny_unet(num_head_channels=16, attention_impl="sdpa")
+    fused.load_state_dict(einsum.state_dict())
+    assert attention_kernels(einsum) == {"einsum"} and attention_kernels(fused) == {"sdpa"}
+    calls = count_fused_calls(monkeypatch)
+    a = einsum(X, T)
+    assert not calls
+    th.testing.assert_close(fused(X, T), a, rtol=1e-5, atol=1e-5)
+    assert calls
+    monkeypatch.setattr(unet, "_attention_impl", "einsum")
+    calls.clear()
+    fused(X, T)
+    assert calls  # its own kernel, not the new module default
+
+
+def test_a_model_without_its_own_kernel_follows_the_module_default(monkeypatch):
+    model = tiny_unet()
+    assert attention_kernels(model) == {None}
+    calls = count_fused_calls(monkeypatch)
+    monkeypatch.setattr(unet, "_attention_impl", "einsum")
+    model(X, T)
+    assert not calls
+    monkeypatch.setattr(unet, "_attention_impl", "auto")
+    model(X, T)
+    assert calls
+
+
+def test_the_encoder_passes_its_kernel_to_the_attention_pool():
+    model = EncoderUNetModel(image_size=16, in_channels=3, model_channels=32, out_channels=7, num_res_blocks=1,
+                             attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=32, pool="attention",
+                             attention_impl="einsum")
+    assert attention_kernels(model) == {"einsum"} and attention_kernels(model.out[2]) == {"einsum"}
+
+
+def test_unknown_kernels_are_refused():
+    with pytest.raises(ValueError, match="unknown attention"):
+        tiny_unet(attention_impl="flash9")
+    with pytest.raises(ValueError, match="unknown attention"):
+        QKVAttention(2, attention_impl="flash9")
+
+
 def test_num_head_channels_sets_heads():
     assert AttentionBlock(256, num_heads=1, num_head_channels=64).num_heads == 4
     with pytest.raises(ValueError, match="divisible"):
@@ -224,3 +280,31 @@ def test_resblock_matches_a_float64_reference():
     x, emb = th.randn(2, 32, 8, 8), th.randn(2, 64)
     expected = resblock_float64_reference(block, x.double(), emb.double())
     th.testing.assert_close(block(x, emb).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- settings
+
+
+SR_ARGS = dict(image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
+               attention_resolutions=[2], channel_mult=[1, 2], num_heads=2)
+
+
+@pytest.mark.parametrize("cls, kwargs", [
+    (UNetModel, dict(num_classes=5, resblock_updown=True, num_heads_upsample=1, attention_impl="einsum")),
+    (SuperResModel, SR_ARGS),
+    (EncoderUNetModel, dict(num_head_channels=16, pool="attention", use_fp16=True)),
+])
+def test_settings_rebuild_the_same_network(cls, kwargs):
+    model = cls(**{**SR_ARGS, **kwargs})
+    again = cls.from_settings(model.settings)
+    assert again.settings == model.settings
+    layout = lambda m: [(k, v.shape, v.dtype) for k, v in m.state_dict().items()]
+    assert layout(again) == layout(model)
+    assert model.settings.attention_resolutions == (2,) and model.settings.channel_mult == (1, 2)
+
+
+def test_settings_hold_one_image_while_the_super_res_network_takes_two():
+    model = SuperResModel(**SR_ARGS)
+    assert model.settings.in_channels == 3 and model.in_channels == 6
+    settings = unet.UNetSettings(**{**SR_ARGS, "attention_resolutions": (2,), "channel_mult": (1, 2)})
+    assert SuperResModel.from_settings(settings).input_blocks[0][0].weight.shape[1] == 6

@@ -1,8 +1,8 @@
-"""The main job: the paper's classifier-guidance experiment, small enough for a laptop.
+"""The main job: the paper's classifier-guidance experiment, small enough for a laptop (CLI: toy_guidance.py).
 
-On the built-in toy shapes dataset it trains, with the library's own scripts, a
-class-unconditional diffusion model, a noisy classifier for guidance, and a
-separate classifier on clean images (the judge). It then samples with classifier
+On the built-in toy shapes dataset it trains, with the library's own scripts (sibling modules of this file,
+called in-process through their main(argv)), a class-unconditional diffusion model, a noisy classifier for
+guidance, and a separate classifier on clean images (the judge). It then samples with classifier
 guidance at several scales and reports how often the judge recognises each sample
 as its target class, how diverse the samples of a class are, and, as the paper
 measures, FID, precision and recall against held-out real images (in the judge's
@@ -12,27 +12,32 @@ higher precision and lower recall.
 """
 
 import argparse
+import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
+import traceback
 import warnings
 from dataclasses import asdict, dataclass, replace
 
+import classifier_sample
+import classifier_train
+import image_sample
+import image_train
 import numpy as np
 import torch as th
 
-from . import logger
-from .errors import UsageError, UserError
-from .image_datasets import load_data
-from .metrics import compute_statistics, precision_recall
-from .sampling import image_grid, load_model, to_uint8_nhwc
-from .script_util import classifier_and_diffusion_defaults
-from .toy_data import TOY_CLASSES, ensure_toy_dataset
+from guided_diffusion import logger
+from guided_diffusion.errors import UsageError, UserError
+from guided_diffusion.files import image_grid, save_text, to_uint8_nhwc, uint8_to_float
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.metrics import compute_statistics, precision_recall
+from guided_diffusion.sampling import load_model
+from guided_diffusion.script_util import classifier_and_diffusion_defaults
+from guided_diffusion.toy_data import TOY_CLASSES, ensure_toy_dataset
 
 HELD_OUT_PER_CLASS = 256  # held-out real images per class: the "real" row and the FID/precision/recall reference
-SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+STEP_LOG = "stdout.txt"  # what a step would have printed, in its own folder
 
 
 @dataclass(frozen=True)
@@ -98,42 +103,58 @@ def cli_args(*flag_dicts, **more):
     return [x for k, v in merged.items() for x in (f"--{k}", str(v))]
 
 
-def run_script(name, args, log_dir):
-    """Run one of the library's scripts as a user would; its output goes to log_dir/stdout.txt."""
+def run_step(title, main, args, log_dir):
+    """Call a script's main(args + --log_dir) in this process and return what it returns. What the script
+    prints goes to log_dir/stdout.txt, as its console would show it; the caller's logger is restored after.
+    A failing step raises a UserError naming the step and its log (the traceback is in the log)."""
     os.makedirs(log_dir, exist_ok=True)
-    cmd = [sys.executable, os.path.join(SCRIPTS, name)] + args + ["--log_dir", log_dir]
-    with open(os.path.join(log_dir, "stdout.txt"), "w") as out:
-        result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise UserError(f"{name} failed (exit {result.returncode}); see {log_dir}/stdout.txt")
+    log_file = os.path.join(log_dir, STEP_LOG)
+    previous = logger.Logger.CURRENT
+    with open(log_file, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            return main(list(args) + ["--log_dir", log_dir])
+        except Exception as exc:
+            traceback.print_exc()
+            reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            raise UserError(f"the {title} step failed ({reason}); its log: {log_file}") from exc
+        finally:
+            restore_logger(previous)
+
+
+def restore_logger(previous):
+    """Close the logger a script's start_run configured and make `previous` current again."""
+    if logger.Logger.CURRENT is not previous:
+        logger.Logger.CURRENT.close()
+        logger.Logger.CURRENT = previous
+
+
+def training_steps(cfg):
+    """(title, script main, folder name, steps, flags) of each training the mode needs."""
+    kind = (f"class-conditional, labels dropped with p = {cfg.p_uncond:g}" if cfg.mode == "cfg"
+            else "class-unconditional")
+    diffusion = (f"diffusion model ({kind})", image_train.main, "diffusion", cfg.train_steps, cli_args(
+        model_flags(cfg), batch_size=cfg.train_batch, lr=cfg.lr, lr_anneal_steps=cfg.train_steps,
+        save_interval=cfg.train_steps, log_interval=50, seed=cfg.seed))
+    classifier = ("noisy classifier (for guidance)", classifier_train.main, "classifier", cfg.classifier_steps,
+                  cli_args(classifier_flags(cfg), noise_schedule="cosine", diffusion_steps=cfg.diffusion_steps,
+                           iterations=cfg.classifier_steps, batch_size=cfg.classifier_batch, lr=3e-4, anneal_lr=True,
+                           save_interval=cfg.classifier_steps, log_interval=50, eval_interval=50, seed=cfg.seed))
+    judge = ("judge classifier (clean images)", classifier_train.main, "judge", cfg.judge_steps, cli_args(
+        classifier_flags(cfg), noised=False, iterations=cfg.judge_steps, batch_size=cfg.classifier_batch,
+        lr=3e-4, anneal_lr=True, save_interval=cfg.judge_steps, log_interval=50, eval_interval=50,
+        seed=cfg.seed + 1))
+    return [diffusion, judge] if cfg.mode == "cfg" else [diffusion, classifier, judge]
 
 
 def train_all(cfg, out_dir, say):
     """The trainings; returns the checkpoint paths of the diffusion model, the noisy classifier (classifier
     mode only) and the judge."""
-    kind = (f"class-conditional, labels dropped with p = {cfg.p_uncond:g}" if cfg.mode == "cfg"
-            else "class-unconditional")
-    steps = [
-        (f"diffusion model ({kind})", "image_train.py", "diffusion", cfg.train_steps, cli_args(
-            model_flags(cfg), batch_size=cfg.train_batch, lr=cfg.lr, lr_anneal_steps=cfg.train_steps,
-            save_interval=cfg.train_steps, log_interval=50, seed=cfg.seed)),
-        ("noisy classifier (for guidance)", "classifier_train.py", "classifier", cfg.classifier_steps, cli_args(
-            classifier_flags(cfg), noise_schedule="cosine", diffusion_steps=cfg.diffusion_steps,
-            iterations=cfg.classifier_steps, batch_size=cfg.classifier_batch, lr=3e-4, anneal_lr=True,
-            save_interval=cfg.classifier_steps, log_interval=50, eval_interval=50, seed=cfg.seed)),
-        ("judge classifier (clean images)", "classifier_train.py", "judge", cfg.judge_steps, cli_args(
-            classifier_flags(cfg), noised=False, iterations=cfg.judge_steps, batch_size=cfg.classifier_batch,
-            lr=3e-4, anneal_lr=True, save_interval=cfg.judge_steps, log_interval=50, eval_interval=50,
-            seed=cfg.seed + 1)),
-    ]
-    if cfg.mode == "cfg":
-        steps = [step for step in steps if step[2] != "classifier"]
     paths = {}
-    for title, script, name, n, args in steps:
+    for title, main, name, n, args in training_steps(cfg):
         start = time.time()
-        run_script(script, args, os.path.join(out_dir, name))
+        run_step(f"{title} training", main, args, os.path.join(out_dir, name))
         say(f"trained the {title}: {n} steps in {time.time() - start:.0f} s")
-        paths[name] = os.path.join(out_dir, name, f"model{n:06d}.pt")
+        paths[name] = os.path.join(out_dir, name, f"model{n:06d}.pt")  # the training loop's checkpoint name
     # The raw weights, not the EMA: after a run this short the EMA (rate 0.9999) is still mostly the
     # random initialisation, while the annealed learning rate already leaves the raw weights smooth.
     return paths
@@ -146,26 +167,30 @@ def sampler_flags(cfg):
     return dict(sampler=cfg.sampler, sampling_steps=cfg.sampling_steps)
 
 
+def sample_at(cfg, paths, scale, log_dir):
+    """Guided samples at one scale with image_sample (cfg mode) or classifier_sample; returns the npz path."""
+    num = cfg.samples_per_class * len(TOY_CLASSES)
+    common = dict(model_path=paths["diffusion"], num_samples=num, batch_size=num, balanced_classes=True,
+                  seed=cfg.seed, **sampler_flags(cfg))
+    title = f"sampling at {scale_name(cfg, scale)}"
+    if cfg.mode == "cfg":
+        return run_step(title, image_sample.main, cli_args(model_flags(cfg), cfg_scale=scale, **common), log_dir)
+    args = cli_args(model_flags(cfg), classifier_flags(cfg), classifier_path=paths["classifier"],
+                    classifier_scale=scale, **common)
+    return run_step(title, classifier_sample.main, args, log_dir)
+
+
 def sample_all(cfg, paths, out_dir, say):
     """Guided samples at every scale; returns {scale: (images uint8 NHWC, target labels)}."""
     results = {}
-    num = cfg.samples_per_class * len(TOY_CLASSES)
     for scale in cfg.scales:
         start = time.time()
         log_dir = os.path.join(out_dir, f"samples_{scale_name(cfg, scale).replace(' ', '')}")
-        common = dict(model_path=paths["diffusion"], num_samples=num, batch_size=num, balanced_classes=True,
-                      seed=cfg.seed, **sampler_flags(cfg))
-        if cfg.mode == "cfg":
-            run_script("image_sample.py", cli_args(model_flags(cfg), cfg_scale=scale, **common), log_dir)
-        else:
-            run_script("classifier_sample.py", cli_args(model_flags(cfg), classifier_flags(cfg),
-                                                        classifier_path=paths["classifier"], classifier_scale=scale,
-                                                        **common), log_dir)
-        with np.load(os.path.join(log_dir, f"samples_{num}x{cfg.image_size}x{cfg.image_size}x3.npz")) as f:
+        with np.load(sample_at(cfg, paths, scale, log_dir)) as f:
             results[scale] = (f["arr_0"], f["arr_1"])
         guidance = f"classifier-free guidance {scale_name(cfg, scale)}" if cfg.mode == "cfg" else \
             f"classifier scale {scale:g}"
-        say(f"sampled {num} images at {guidance} with {cfg.sampler} in {time.time() - start:.0f} s")
+        say(f"sampled {len(results[scale][0])} images at {guidance} with {cfg.sampler} in {time.time() - start:.0f} s")
     return results
 
 
@@ -185,7 +210,7 @@ def judge_outputs(judge, images):
     captured = []
     pool = judge.out[-1]
     hook = pool.register_forward_hook(lambda module, args, out: captured.append(pool.pooled(args[0]).float()))
-    x = th.from_numpy(images).float().div(127.5).sub(1).permute(0, 3, 1, 2)
+    x = uint8_to_float(images)
     try:
         with th.no_grad():
             logits = judge(x, th.zeros(len(x), dtype=th.long))
@@ -278,10 +303,9 @@ def run_experiment(cfg, out_dir, say=print):
     with logger.scoped_configure(dir=out_dir, format_strs=["log"]):
         rows = evaluate(cfg, paths, results, out_dir)
     table = format_table(rows)
-    with open(os.path.join(out_dir, "table.txt"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "rows": rows, "seconds": time.time() - start}, f, indent=1)
+    save_text(os.path.join(out_dir, "table.txt"), table + "\n")
+    results_json = {"config": asdict(cfg), "rows": rows, "seconds": time.time() - start}
+    save_text(os.path.join(out_dir, "results.json"), json.dumps(results_json, indent=1))
     say(table)
     say(f"done in {time.time() - start:.0f} s; grids (rows = target classes "
         f"{', '.join(TOY_CLASSES)}): {out_dir}/grid_{scale_prefix(cfg)}*.png")
