@@ -37,8 +37,16 @@ def bench_features(n, size, batch_size, inception_path, device):
     start = time.perf_counter()
     ev.compute_activations(images)
     seconds = time.perf_counter() - start
-    return dict(part="features", images=n, size=size, batch_size=batch_size, device=str(ev.device),
-                seconds=seconds, images_per_s=n / seconds, peak_rss_mb=_peak_rss_mb())
+    return dict(
+        part="features",
+        images=n,
+        size=size,
+        batch_size=batch_size,
+        device=str(ev.device),
+        seconds=seconds,
+        images_per_s=n / seconds,
+        peak_rss_mb=_peak_rss_mb(),
+    )
 
 
 def bench_precision_recall(count, dim, half):
@@ -51,9 +59,17 @@ def bench_precision_recall(count, dim, half):
     start = time.perf_counter()
     precision, recall = precision_recall(ref, sample, half=half)
     seconds = time.perf_counter() - start
-    return dict(part="precision_recall", count=count, dim=dim, half=half, seconds=seconds,
-                inputs_mb=(ref.nbytes + sample.nbytes) / 2**20, extra_peak_mb=_peak_rss_mb() - before,
-                precision=precision, recall=recall)
+    return dict(
+        part="precision_recall",
+        count=count,
+        dim=dim,
+        half=half,
+        seconds=seconds,
+        inputs_mb=(ref.nbytes + sample.nbytes) / 2**20,
+        extra_peak_mb=_peak_rss_mb() - before,
+        precision=precision,
+        recall=recall,
+    )
 
 
 def run_part(argv):
@@ -77,8 +93,9 @@ def main():
     if args.part is not None:
         kind, *rest = args.part
         if kind == "features":
-            result = bench_features(int(rest[0]), int(rest[1]), args.batch_size, args.inception_path or None,
-                                    args.device or None)
+            result = bench_features(
+                int(rest[0]), int(rest[1]), args.batch_size, args.inception_path or None, args.device or None
+            )
         else:
             result = bench_precision_recall(int(rest[0]), 2048, half=rest[1] == "half")
         print(json.dumps(result))
@@ -86,13 +103,17 @@ def main():
     common = ["--batch_size", str(args.batch_size), "--inception_path", args.inception_path, "--device", args.device]
     for size in args.sizes.split(","):
         r = run_part(["features", str(args.images), size] + common)
-        print(f"Inception features, {r['images']} images {size}x{size} on {r['device']}: {r['images_per_s']:.1f} "
-              f"images/s (batch {r['batch_size']}, peak RSS {r['peak_rss_mb']:.0f} MB)")
+        print(
+            f"Inception features, {r['images']} images {size}x{size} on {r['device']}: {r['images_per_s']:.1f} "
+            f"images/s (batch {r['batch_size']}, peak RSS {r['peak_rss_mb']:.0f} MB)"
+        )
     for mode in ("half", "float32"):
         r = run_part(["precision_recall", str(args.pr_count), mode])
-        print(f"precision/recall, {r['count']} x {r['count']} features of {r['dim']} ({mode} distances): "
-              f"{r['seconds']:.1f} s, peak memory above the {r['inputs_mb']:.0f} MB of inputs: "
-              f"{r['extra_peak_mb']:.0f} MB")
+        print(
+            f"precision/recall, {r['count']} x {r['count']} features of {r['dim']} ({mode} distances): "
+            f"{r['seconds']:.1f} s, peak memory above the {r['inputs_mb']:.0f} MB of inputs: "
+            f"{r['extra_peak_mb']:.0f} MB"
+        )
 
 
 if __name__ == "__main__":

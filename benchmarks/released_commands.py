@@ -24,24 +24,84 @@ from guided_diffusion import script_util as su
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The original README's flags for each command: (script, kind of each checkpoint, MODEL_FLAGS, extra flags).
-COMMON = dict(attention_resolutions="32,16,8", diffusion_steps=1000, learn_sigma=True, resblock_updown=True,
-              use_fp16=True, use_scale_shift_norm=True)
+COMMON = dict(
+    attention_resolutions="32,16,8",
+    diffusion_steps=1000,
+    learn_sigma=True,
+    resblock_updown=True,
+    use_fp16=True,
+    use_scale_shift_norm=True,
+)
 COMMANDS = {
-    "64x64": ("classifier_sample.py", dict(COMMON, class_cond=True, dropout=0.1, image_size=64,
-                                           noise_schedule="cosine", num_channels=192, num_head_channels=64,
-                                           num_res_blocks=3, use_new_attention_order=True),
-              dict(classifier_scale=1.0, classifier_depth=4)),
-    "128x128": ("classifier_sample.py", dict(COMMON, class_cond=True, image_size=128, noise_schedule="linear",
-                                             num_channels=256, num_heads=4, num_res_blocks=2),
-                dict(classifier_scale=0.5)),
-    "256x256": ("classifier_sample.py", dict(COMMON, class_cond=True, image_size=256, noise_schedule="linear",
-                                             num_channels=256, num_head_channels=64, num_res_blocks=2),
-                dict(classifier_scale=1.0)),
-    "64_256": ("super_res_sample.py", dict(COMMON, class_cond=True, large_size=256, small_size=64,
-                                          noise_schedule="linear", num_channels=192, num_heads=4, num_res_blocks=2),
-               {}),
-    "lsun": ("image_sample.py", dict(COMMON, class_cond=False, dropout=0.1, image_size=256, noise_schedule="linear",
-                                     num_channels=256, num_head_channels=64, num_res_blocks=2), {}),
+    "64x64": (
+        "classifier_sample.py",
+        dict(
+            COMMON,
+            class_cond=True,
+            dropout=0.1,
+            image_size=64,
+            noise_schedule="cosine",
+            num_channels=192,
+            num_head_channels=64,
+            num_res_blocks=3,
+            use_new_attention_order=True,
+        ),
+        dict(classifier_scale=1.0, classifier_depth=4),
+    ),
+    "128x128": (
+        "classifier_sample.py",
+        dict(
+            COMMON,
+            class_cond=True,
+            image_size=128,
+            noise_schedule="linear",
+            num_channels=256,
+            num_heads=4,
+            num_res_blocks=2,
+        ),
+        dict(classifier_scale=0.5),
+    ),
+    "256x256": (
+        "classifier_sample.py",
+        dict(
+            COMMON,
+            class_cond=True,
+            image_size=256,
+            noise_schedule="linear",
+            num_channels=256,
+            num_head_channels=64,
+            num_res_blocks=2,
+        ),
+        dict(classifier_scale=1.0),
+    ),
+    "64_256": (
+        "super_res_sample.py",
+        dict(
+            COMMON,
+            class_cond=True,
+            large_size=256,
+            small_size=64,
+            noise_schedule="linear",
+            num_channels=192,
+            num_heads=4,
+            num_res_blocks=2,
+        ),
+        {},
+    ),
+    "lsun": (
+        "image_sample.py",
+        dict(
+            COMMON,
+            class_cond=False,
+            dropout=0.1,
+            image_size=256,
+            noise_schedule="linear",
+            num_channels=256,
+            num_head_channels=64,
+            num_res_blocks=2,
+        ),
+        {},
+    ),
 }
 
 
@@ -61,7 +121,10 @@ def run(name, workdir, overrides, base_samples=None):
     kind = "super_res" if script == "super_res_sample.py" else "diffusion"
     paths = {"model_path": random_checkpoint(kind, model_flags, os.path.join(workdir, f"{name}.pt"))}
     if script == "classifier_sample.py":
-        clf_flags = {"image_size": model_flags["image_size"], **{k: v for k, v in extra.items() if k != "classifier_scale"}}
+        clf_flags = {
+            "image_size": model_flags["image_size"],
+            **{k: v for k, v in extra.items() if k != "classifier_scale"},
+        }
         paths["classifier_path"] = random_checkpoint("classifier", clf_flags, os.path.join(workdir, f"{name}_clf.pt"))
     if base_samples:
         paths["base_samples"] = base_samples
@@ -79,10 +142,16 @@ def main():
     parser.add_argument("--which", default="64x64,64_256", help=f"comma-separated, of {', '.join(COMMANDS)}")
     parser.add_argument("--steps", default="4", help="--timestep_respacing for the run")
     parser.add_argument("--num_samples", type=int, default=2)
-    parser.add_argument("--sampler", default="", help="--sampler of the run, e.g. dpm++2m (then --steps model "
-                                                      "evaluations instead of a respacing)")
-    parser.add_argument("--fp32", action="store_true", help="override --use_fp16 and --classifier_use_fp16 with "
-                                                            "False (half precision convolutions are slow on a CPU)")
+    parser.add_argument(
+        "--sampler",
+        default="",
+        help="--sampler of the run, e.g. dpm++2m (then --steps model evaluations instead of a respacing)",
+    )
+    parser.add_argument(
+        "--fp32",
+        action="store_true",
+        help="override --use_fp16 and --classifier_use_fp16 with False (half precision convolutions are slow on a CPU)",
+    )
     args = parser.parse_args()
     overrides = dict(num_samples=args.num_samples, batch_size=args.num_samples, timestep_respacing=args.steps, seed=0)
     if args.fp32:

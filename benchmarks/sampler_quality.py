@@ -66,8 +66,12 @@ def parse_args():
 
 
 def load_models(cfg, args):
-    flags = {**su.model_and_diffusion_defaults(), **su.classifier_defaults(), **model_flags(cfg),
-             **classifier_flags(cfg)}
+    flags = {
+        **su.model_and_diffusion_defaults(),
+        **su.classifier_defaults(),
+        **model_flags(cfg),
+        **classifier_flags(cfg),
+    }
     model, _ = load_model("diffusion", argparse.Namespace(**flags), args.model_path)
     classifier, _ = load_model("classifier", argparse.Namespace(**flags), args.classifier_path, "classifier_path")
     return flags, model, classifier, load_judge(cfg, args.judge_path)
@@ -85,23 +89,39 @@ def measure(cfg, flags, model, classifier, judge, reference, sampler, nfe, scale
     num = cfg.samples_per_class * len(TOY_CLASSES)
     start = time.perf_counter()
     images, labels = generate(
-        diffusion, class_conditional_model(model, False), num_samples=num, batch_size=num,
-        image_shape=(3, cfg.image_size, cfg.image_size), seed=seed, progress=False, sample_fn=loop,
+        diffusion,
+        class_conditional_model(model, False),
+        num_samples=num,
+        batch_size=num,
+        image_shape=(3, cfg.image_size, cfg.image_size),
+        seed=seed,
+        progress=False,
+        sample_fn=loop,
         kwargs_for=lambda indices: {"y": draw_labels(indices, seed, len(TOY_CLASSES), "cpu", balanced=True)},
-        cond_fn=classifier_cond_fn(classifier, scale) if scale else None)
+        cond_fn=classifier_cond_fn(classifier, scale) if scale else None,
+    )
     seconds = time.perf_counter() - start
     predictions, features = judge_outputs(judge, images)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fid = float(compute_statistics(features).frechet_distance(reference))
-    return dict(sampler=sampler, nfe=nfe, scale=scale, accuracy=float((predictions == labels).mean()), fid=fid,
-                seconds_per_image=seconds / num)
+    return dict(
+        sampler=sampler,
+        nfe=nfe,
+        scale=scale,
+        accuracy=float((predictions == labels).mean()),
+        fid=fid,
+        seconds_per_image=seconds / num,
+    )
 
 
 def format_rows(rows):
     lines = [f"{'sampler':<12} {'NFE':>4} {'scale':>5} {'judged as target':>17} {'FID':>7} {'s/image':>8}"]
-    lines += [f"{r['sampler']:<12} {r['nfe']:>4} {r['scale']:>5g} {r['accuracy']:>16.1%} {r['fid']:>7.2f} "
-              f"{r['seconds_per_image']:>8.3f}" for r in rows]
+    lines += [
+        f"{r['sampler']:<12} {r['nfe']:>4} {r['scale']:>5g} {r['accuracy']:>16.1%} {r['fid']:>7.2f} "
+        f"{r['seconds_per_image']:>8.3f}"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -145,8 +165,21 @@ def main():
         for sampler in args.samplers.split(","):
             for nfe in (int(n) for n in args.nfe.split(",")):
                 th.manual_seed(args.seed)
-                rows.append(measure(cfg, flags, model, classifier, judge, reference, sampler, nfe, scale, args.seed,
-                                    args.step_schedule))
+                rows.append(
+                    measure(
+                        cfg,
+                        flags,
+                        model,
+                        classifier,
+                        judge,
+                        reference,
+                        sampler,
+                        nfe,
+                        scale,
+                        args.seed,
+                        args.step_schedule,
+                    )
+                )
                 print(format_rows(rows[-1:]).splitlines()[1], flush=True)
     table = format_rows(rows)
     with open(os.path.join(args.out_dir, "table.txt"), "w") as f:

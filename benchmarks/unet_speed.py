@@ -19,9 +19,20 @@ from guided_diffusion import script_util as su
 from guided_diffusion import unet
 from guided_diffusion.unet import AttentionBlock
 
-BENCH_DEFAULTS = dict(batch_size=4, repeats=5, device="auto", image_size=32, num_channels=64, num_res_blocks=2,
-                      attention_resolutions="16,8", num_head_channels=32, classifier_width=64, classifier_depth=2,
-                      attention_tokens=1024, attention_channels=256)
+BENCH_DEFAULTS = dict(
+    batch_size=4,
+    repeats=5,
+    device="auto",
+    image_size=32,
+    num_channels=64,
+    num_res_blocks=2,
+    attention_resolutions="16,8",
+    num_head_channels=32,
+    classifier_width=64,
+    classifier_depth=2,
+    attention_tokens=1024,
+    attention_channels=256,
+)
 
 
 def parse_args():
@@ -98,6 +109,7 @@ def forward_fn(model, inputs):
     def run():
         with th.no_grad():
             model(*inputs)
+
     return run
 
 
@@ -105,6 +117,7 @@ def train_fn(model, inputs):
     def run():
         model.zero_grad(set_to_none=True)
         model(*inputs).float().square().mean().backward()
+
     return run
 
 
@@ -128,13 +141,15 @@ def network_rows(args, device):
 
 def attention_rows(args, device):
     block = AttentionBlock(args.attention_channels, num_head_channels=64, use_new_attention_order=True).to(device)
-    side = int(args.attention_tokens ** 0.5)
+    side = int(args.attention_tokens**0.5)
     x = th.randn(args.batch_size, args.attention_channels, side, side, device=device)
     rows = []
     for pass_name, make in (("forward", forward_fn), ("fwd+bwd", train_fn)):
         for impl in ("einsum", "sdpa"):
             unet.set_attention_implementation(impl)
-            rows.append((f"attention {side}x{side}", pass_name, impl, *measure(make(block, (x,)), device, args.repeats)))
+            rows.append(
+                (f"attention {side}x{side}", pass_name, impl, *measure(make(block, (x,)), device, args.repeats))
+            )
     return rows
 
 
@@ -152,8 +167,10 @@ def main():
     args = parse_args()
     device = th.device(("cuda" if th.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     th.manual_seed(0)
-    print(f"device {device}, torch {th.__version__}, threads {th.get_num_threads()}, batch {args.batch_size}, "
-          f"image {args.image_size}, channels {args.num_channels}, fp16 {args.use_fp16}")
+    print(
+        f"device {device}, torch {th.__version__}, threads {th.get_num_threads()}, batch {args.batch_size}, "
+        f"image {args.image_size}, channels {args.num_channels}, fp16 {args.use_fp16}"
+    )
     print_table(network_rows(args, device) + attention_rows(args, device))
 
 

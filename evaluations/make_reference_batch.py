@@ -16,8 +16,12 @@ def main(argv=None):
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a folder of images (searched recursively) or an .npz with arr_0")
     parser.add_argument("out", help="the reference batch .npz to write")
-    parser.add_argument("--image_size", type=int, default=None,
-                        help="center-crop folder images to this size, as training does (needed when sizes differ)")
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help="center-crop folder images to this size, as training does (needed when sizes differ)",
+    )
     parser.add_argument("--max_images", type=int, default=None, help="use at most this many images")
     parser.add_argument("--inception_path", default=None, help="Inception weights (see evaluator.py --help)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per Inception forward pass")

@@ -44,7 +44,7 @@ def guided_model(model_fn, scale, null_label):
             raise ValueError("classifier-free guidance needs labels y")
         both = {k: _twice(v, len(x)) for k, v in kwargs.items()}
         out = model_fn(th.cat([x, x]), th.cat([t, t]), y=th.cat([y, th.full_like(y, null_label)]), **both)
-        cond, uncond = out[: len(x)], out[len(x):]
+        cond, uncond = out[: len(x)], out[len(x) :]
         c = x.shape[1]
         mixed = (1 + scale) * cond[:, :c] - scale * uncond[:, :c]  # Ho & Salimans, Eq. 6
         return th.cat([mixed, cond[:, c:]], dim=1)

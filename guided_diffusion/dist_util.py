@@ -53,8 +53,13 @@ def _init_from_mpi(comm, backend):
     address = (_local_address(), _free_port()) if rank == 0 else None
     address = comm.bcast(address, root=0)
     local_rank = comm.Split_type(_mpi_shared_type()).Get_rank()
-    os.environ.update(MASTER_ADDR=address[0], MASTER_PORT=str(address[1]), RANK=str(rank),
-                      WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank))
+    os.environ.update(
+        MASTER_ADDR=address[0],
+        MASTER_PORT=str(address[1]),
+        RANK=str(rank),
+        WORLD_SIZE=str(size),
+        LOCAL_RANK=str(local_rank),
+    )
     _set_cuda_device(local_rank)
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=size)
 
@@ -222,8 +227,9 @@ def _broadcast_checkpoint(path):
         except (OSError, ValueError) as exc:
             error = exc
     missing = isinstance(error, FileNotFoundError)
-    size = th.tensor([(-1 if missing else -2) if error else (0 if payload is None else payload.numel())],
-                     dtype=th.int64)
+    size = th.tensor(
+        [(-1 if missing else -2) if error else (0 if payload is None else payload.numel())], dtype=th.int64
+    )
     dist.broadcast(size, 0)
     if size.item() < 0:  # the other ranks raise the same kind of error as rank 0
         failed = MissingFileError if size.item() == -1 else UserError

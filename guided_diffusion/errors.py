@@ -40,10 +40,11 @@ def flag_errors(*types):
     The math core (gaussian_diffusion, respace, resample) stays free of this module: the
     factories that pass it flag values wrap the call instead.
     """
+    caught = types or (ValueError,)
     try:
         yield
     except UserError:
         raise
-    except types or (ValueError,) as exc:
+    except caught as exc:
         error = UnknownChoiceError if isinstance(exc, NotImplementedError) else UsageError
         raise error(str(exc)) from exc

@@ -30,8 +30,10 @@ def run_bpd_evaluation(model, diffusion, data, num_samples, clip_denoised):
         priors.append(dist_util.mean_over_ranks(metrics["prior_bpd"].mean()).item())
         num_complete += dist_util.get_world_size() * batch.shape[0]
         vb, mse = np.mean([t.sum() for t in terms["vb"]]), np.mean([t.mean() for t in terms["mse"]])
-        logger.log(f"done {num_complete} samples: bpd={np.mean(totals):.4f} prior={np.mean(priors):.4f} "
-                   f"vb={vb:.4f} mse={mse:.4f}")
+        logger.log(
+            f"done {num_complete} samples: bpd={np.mean(totals):.4f} prior={np.mean(priors):.4f} "
+            f"vb={vb:.4f} mse={mse:.4f}"
+        )
     means = {k: np.mean(np.stack(v), axis=0) for k, v in terms.items()}
     return means, float(np.mean(totals)), float(np.mean(priors))
 

@@ -56,7 +56,7 @@ class Evaluator:
         pools, spatials = [], []
         with th.inference_mode(), _progress(len(images), self.progress) as bar:
             for start in range(0, len(images), self.batch_size):
-                batch = preprocess(images[start:start + self.batch_size]).to(self.device)
+                batch = preprocess(images[start : start + self.batch_size]).to(self.device)
                 pool3, spatial = self.model(batch)
                 pools.append(pool3.float().cpu().numpy())
                 spatials.append(spatial.float().cpu().numpy())
@@ -68,7 +68,7 @@ class Evaluator:
         probs = []
         with th.inference_mode():
             for start in range(0, len(pool3), 10_000):
-                x = th.from_numpy(np.ascontiguousarray(pool3[start:start + 10_000])).to(self.device)
+                x = th.from_numpy(np.ascontiguousarray(pool3[start : start + 10_000])).to(self.device)
                 probs.append(self.model.class_probabilities(x).float().cpu().numpy())
         return np.concatenate(probs)
 
@@ -85,8 +85,9 @@ class Evaluator:
             if pool3 is None or not has_stats:
                 pool3, spatial = self.compute_activations(read_images(f, path))
         if has_stats:
-            return BatchFeatures(pool3, FIDStatistics(stored["mu"], stored["sigma"]),
-                                 FIDStatistics(stored["mu_s"], stored["sigma_s"]))
+            return BatchFeatures(
+                pool3, FIDStatistics(stored["mu"], stored["sigma"]), FIDStatistics(stored["mu_s"], stored["sigma_s"])
+            )
         return BatchFeatures(pool3, compute_statistics(pool3), compute_statistics(spatial))
 
 
@@ -105,13 +106,17 @@ def _open_npz(path):
 def read_images(npz, path):
     """arr_0 of an open npz, checked to be uint8 (N, H, W, 3)."""
     if "arr_0" not in npz.files:
-        raise UserError(f"{path}: no arr_0 in this npz (keys: {', '.join(npz.files)}); a batch holds its "
-                         "images as arr_0, uint8 N x H x W x 3, as the sampling scripts write them")
+        raise UserError(
+            f"{path}: no arr_0 in this npz (keys: {', '.join(npz.files)}); a batch holds its "
+            "images as arr_0, uint8 N x H x W x 3, as the sampling scripts write them"
+        )
     images = npz["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise UserError(f"{path}: arr_0 is {images.dtype} of shape {images.shape}; expected uint8 images "
-                         "N x H x W x 3 with values 0..255 (convert with ((x + 1) * 127.5).round().clip(0, 255)"
-                         ".astype(np.uint8) from [-1, 1])")
+        raise UserError(
+            f"{path}: arr_0 is {images.dtype} of shape {images.shape}; expected uint8 images "
+            "N x H x W x 3 with values 0..255 (convert with ((x + 1) * 127.5).round().clip(0, 255)"
+            ".astype(np.uint8) from [-1, 1])"
+        )
     if len(images) == 0:
         raise UserError(f"{path}: arr_0 holds no images")
     return images
@@ -132,8 +137,10 @@ def load_folder_images(folder, image_size=None, max_images=None):
         arrays.append(np.array(image) if image_size is None else center_crop_arr(image, image_size))
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise UserError(f"{folder!r}: images of different sizes ({sorted(shapes)[:3]} ...); pass --image_size "
-                         "to center-crop them all to one size")
+        raise UserError(
+            f"{folder!r}: images of different sizes ({sorted(shapes)[:3]} ...); pass --image_size "
+            "to center-crop them all to one size"
+        )
     return np.stack(arrays)
 
 
@@ -146,8 +153,14 @@ def make_reference_batch(evaluator, source, out_path, image_size=None, max_image
         images = load_folder_images(source, image_size, max_images)
     pool3, spatial = evaluator.compute_activations(images)
     stats, spatial_stats = compute_statistics(pool3), compute_statistics(spatial)
-    arrays = dict(arr_0=images, mu=stats.mu, sigma=stats.sigma, mu_s=spatial_stats.mu,
-                  sigma_s=spatial_stats.sigma, **{ACTIVATIONS_KEY: pool3})
+    arrays = dict(
+        arr_0=images,
+        mu=stats.mu,
+        sigma=stats.sigma,
+        mu_s=spatial_stats.mu,
+        sigma_s=spatial_stats.sigma,
+        **{ACTIVATIONS_KEY: pool3},
+    )
     save_npz(out_path, **arrays)
     return out_path
 
@@ -166,9 +179,12 @@ def evaluate(evaluator, ref_path, sample_path, say=print):
     if evaluator.has_logits:
         results["inception_score"] = evaluator.inception_score(sample.pool3)
     precision, recall = precision_recall(ref.pool3, sample.pool3)
-    results.update(fid=sample.stats.frechet_distance(ref.stats),
-                   sfid=sample.spatial_stats.frechet_distance(ref.spatial_stats),
-                   precision=precision, recall=recall)
+    results.update(
+        fid=sample.stats.frechet_distance(ref.stats),
+        sfid=sample.spatial_stats.frechet_distance(ref.spatial_stats),
+        precision=precision,
+        recall=recall,
+    )
     return results
 
 
@@ -177,10 +193,19 @@ def format_report(results):
     if "inception_score" in results:
         score = results["inception_score"]
     else:
-        score = ("unavailable (these Inception weights have no 1008-way output layer; pass --inception_path "
-                 "pt_inception-2015-12-05-6726825d.pth to compute it)")
-    return "\n".join([f"Inception Score: {score}", f"FID: {results['fid']}", f"sFID: {results['sfid']}",
-                      f"Precision: {results['precision']}", f"Recall: {results['recall']}"])
+        score = (
+            "unavailable (these Inception weights have no 1008-way output layer; pass --inception_path "
+            "pt_inception-2015-12-05-6726825d.pth to compute it)"
+        )
+    return "\n".join(
+        [
+            f"Inception Score: {score}",
+            f"FID: {results['fid']}",
+            f"sFID: {results['sfid']}",
+            f"Precision: {results['precision']}",
+            f"Recall: {results['recall']}",
+        ]
+    )
 
 
 def _progress(total, enabled):

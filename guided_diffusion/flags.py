@@ -80,10 +80,15 @@ DIFFUSION_FLAGS = FlagGroup(
 )
 
 # Flags that the diffusion model and the classifier share (one value for both in classifier_sample.py).
-_IMAGE_SIZE = Flag("image_size", 64, "image resolution (16, 32, 64, 128, 256 or 512 with the default channel_mult)",
-                   check=POSITIVE)
-_NUM_CLASSES = Flag("num_classes", NUM_CLASSES, "number of classes of a class-conditional model or classifier "
-                                                "(beyond the original)", check=POSITIVE)
+_IMAGE_SIZE = Flag(
+    "image_size", 64, "image resolution (16, 32, 64, 128, 256 or 512 with the default channel_mult)", check=POSITIVE
+)
+_NUM_CLASSES = Flag(
+    "num_classes",
+    NUM_CLASSES,
+    "number of classes of a class-conditional model or classifier (beyond the original)",
+    check=POSITIVE,
+)
 
 _MODEL_FLAGS = (
     _IMAGE_SIZE,
@@ -97,9 +102,13 @@ _MODEL_FLAGS = (
     Flag("dropout", 0.0, "dropout in the residual blocks", check=_probability),
     Flag("class_cond", False, "class-conditional model (label embedding)"),
     _NUM_CLASSES,
-    Flag("p_uncond", 0.0, "classifier-free guidance: training replaces each label by a null class with this "
-                          "probability; > 0 gives the model the null class (label num_classes), so sample such a "
-                          "model with the same value (any > 0); 0: the original's layout"),
+    Flag(
+        "p_uncond",
+        0.0,
+        "classifier-free guidance: training replaces each label by a null class with this "
+        "probability; > 0 gives the model the null class (label num_classes), so sample such a "
+        "model with the same value (any > 0); 0: the original's layout",
+    ),
     Flag("use_checkpoint", False, "gradient checkpointing: recompute activations in backward to save memory"),
     Flag("use_scale_shift_norm", True, "AdaGN: the timestep embedding scales and shifts the GroupNorm"),
     Flag("resblock_updown", False, "BigGAN-style residual blocks for up/downsampling"),
@@ -128,13 +137,22 @@ SR_FLAGS = FlagGroup(
 # Flags of the training scripts (the original's names and defaults), and ours beyond them.
 RUN_FLAGS = FlagGroup(
     Flag("log_dir", "", "where logs, checkpoints and outputs go ('' : $OPENAI_LOGDIR, else a new temporary folder)"),
-    Flag("compile", False, "compile the networks with torch.compile on their first call (for GPUs; on a CPU it "
-                           "took 100 s to save 4 percent); runs eagerly where no compiler works"),
+    Flag(
+        "compile",
+        False,
+        "compile the networks with torch.compile on their first call (for GPUs; on a CPU it "
+        "took 100 s to save 4 percent); runs eagerly where no compiler works",
+    ),
 )
 
-_LABEL_SOURCE = Flag("label_source", "filename", "where a labeled image's class comes from: filename (its name's "
-                                                 "prefix, 'dog_123.png', as the original) or folder (its parent "
-                                                 "folder's name, 'dog/123.png')", check=_one_of("filename", "folder"))
+_LABEL_SOURCE = Flag(
+    "label_source",
+    "filename",
+    "where a labeled image's class comes from: filename (its name's "
+    "prefix, 'dog_123.png', as the original) or folder (its parent "
+    "folder's name, 'dog/123.png')",
+    check=_one_of("filename", "folder"),
+)
 
 TRAIN_FLAGS = FlagGroup(
     Flag("data_dir", "", "folder of training images ('' : the built-in toy shapes dataset)"),
@@ -142,8 +160,12 @@ TRAIN_FLAGS = FlagGroup(
     Flag("schedule_sampler", "uniform", "timestep sampler: uniform or loss-second-moment"),
     Flag("lr", 1e-4, "learning rate (AdamW)", check=NON_NEGATIVE),
     Flag("weight_decay", 0.0, "AdamW weight decay", check=NON_NEGATIVE),
-    Flag("lr_anneal_steps", 0, "anneal the learning rate to 0 over this many steps, then stop (0: train until "
-                               "stopped)", check=NON_NEGATIVE),
+    Flag(
+        "lr_anneal_steps",
+        0,
+        "anneal the learning rate to 0 over this many steps, then stop (0: train until stopped)",
+        check=NON_NEGATIVE,
+    ),
     Flag("batch_size", 1, "images per step on each process", check=POSITIVE),
     Flag("microbatch", -1, "images per forward pass; -1 disables gradient accumulation"),
     Flag("ema_rate", "0.9999", "comma-separated EMA decay rates, one ema_*.pt file each", check=_ema_rates),
@@ -181,20 +203,40 @@ SAMPLE_FLAGS = FlagGroup(
     Flag("num_samples", 10000, "number of images to generate (over all processes)", check=POSITIVE),
     Flag("batch_size", 16, "images per batch on each process", check=POSITIVE),
     Flag("use_ddim", False, "sample with DDIM (use with --timestep_respacing ddimN) instead of DDPM"),
-    Flag("sampler", "", "ddpm, ddim, dpm++2m (DPM-Solver++ 2M, the fast one), dpm++3m or dpm++2m_sde "
-                        "('' : ddim with --use_ddim True, else ddpm, as the original)"),
-    Flag("sampling_steps", 0, "model evaluations per sample: for ddpm/ddim the same as --timestep_respacing N; "
-                              "for the dpm++ solvers taken from the diffusion's timesteps (0: 20)"),
+    Flag(
+        "sampler",
+        "",
+        "ddpm, ddim, dpm++2m (DPM-Solver++ 2M, the fast one), dpm++3m or dpm++2m_sde "
+        "('' : ddim with --use_ddim True, else ddpm, as the original)",
+    ),
+    Flag(
+        "sampling_steps",
+        0,
+        "model evaluations per sample: for ddpm/ddim the same as --timestep_respacing N; "
+        "for the dpm++ solvers taken from the diffusion's timesteps (0: 20)",
+    ),
     Flag("step_schedule", "time", "dpm++ solvers: space the steps uniformly in time (time) or in log-SNR (logsnr)"),
-    Flag("dynamic_threshold", 0.0, "dpm++ solvers: clip x_0 per sample at this percentile of abs(x_0) and "
-                                   "rescale (Imagen's dynamic thresholding, e.g. 0.995) instead of clipping to "
-                                   "[-1, 1]; 0: off"),
-    Flag("cfg_scale", 0.0, "classifier-free guidance weight w: eps = (1 + w) eps(x, y) - w eps(x, null) "
-                           "(Ho & Salimans 2022; other libraries' guidance scale s is 1 + w); needs a model trained "
-                           "with --p_uncond > 0; 0: off"),
+    Flag(
+        "dynamic_threshold",
+        0.0,
+        "dpm++ solvers: clip x_0 per sample at this percentile of abs(x_0) and "
+        "rescale (Imagen's dynamic thresholding, e.g. 0.995) instead of clipping to "
+        "[-1, 1]; 0: off",
+    ),
+    Flag(
+        "cfg_scale",
+        0.0,
+        "classifier-free guidance weight w: eps = (1 + w) eps(x, y) - w eps(x, null) "
+        "(Ho & Salimans 2022; other libraries' guidance scale s is 1 + w); needs a model trained "
+        "with --p_uncond > 0; 0: off",
+    ),
     Flag("model_path", "", "the diffusion model checkpoint"),
-    Flag("seed", -1, "seed of per-sample random generators: the same images for any batch size or number of "
-                     "processes (-1: unseeded, torch's global RNG as in the original)"),
+    Flag(
+        "seed",
+        -1,
+        "seed of per-sample random generators: the same images for any batch size or number of "
+        "processes (-1: unseeded, torch's global RNG as in the original)",
+    ),
     Flag("balanced_classes", False, "target class of sample i is i mod num_classes instead of random"),
 )
 
@@ -204,7 +246,7 @@ GUIDANCE_FLAGS = FlagGroup(
 )
 
 SUPER_RES_SAMPLE_FLAGS = FlagGroup(
-    Flag("base_samples", "", "npz of low-resolution samples (arr_0 uint8 NHWC, arr_1 labels) to upsample"),
+    Flag("base_samples", "", "npz of low-resolution samples (arr_0 uint8 NHWC, arr_1 labels) to upsample")
 )
 
 NLL_FLAGS = FlagGroup(
@@ -217,8 +259,19 @@ NLL_FLAGS = FlagGroup(
     Flag("seed", -1, "seed of the noise draws (-1: unseeded)"),
 )
 
-_ALL_GROUPS = (DIFFUSION_FLAGS, MODEL_FLAGS, CLASSIFIER_FLAGS, SR_FLAGS, RUN_FLAGS, TRAIN_FLAGS, CLASSIFIER_TRAIN_FLAGS,
-               SAMPLE_FLAGS, GUIDANCE_FLAGS, SUPER_RES_SAMPLE_FLAGS, NLL_FLAGS)
+_ALL_GROUPS = (
+    DIFFUSION_FLAGS,
+    MODEL_FLAGS,
+    CLASSIFIER_FLAGS,
+    SR_FLAGS,
+    RUN_FLAGS,
+    TRAIN_FLAGS,
+    CLASSIFIER_TRAIN_FLAGS,
+    SAMPLE_FLAGS,
+    GUIDANCE_FLAGS,
+    SUPER_RES_SAMPLE_FLAGS,
+    NLL_FLAGS,
+)
 # Each name's Flag as the model, classifier and diffusion groups define it (the first group wins):
 # defaults dicts get their help text and checks from here.
 FLAG_BY_NAME = {f.name: f for group in reversed(_ALL_GROUPS) for f in group}
@@ -235,8 +288,9 @@ def flags_of(*groups):
     flags = {}
     for group in groups:
         if isinstance(group, dict):
-            group = [replace(FLAG_BY_NAME.get(name, Flag(name, value, "")), default=value)
-                     for name, value in group.items()]
+            group = [
+                replace(FLAG_BY_NAME.get(name, Flag(name, value, "")), default=value) for name, value in group.items()
+            ]
         flags.update((flag.name, flag) for flag in group)
     return flags
 

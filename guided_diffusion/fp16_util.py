@@ -140,8 +140,15 @@ class MixedPrecisionTrainer:
     torch.autocast(bfloat16) and needs no loss scale.
     """
 
-    def __init__(self, *, model, use_fp16=False, fp16_scale_growth=1e-3, initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,
-                 use_bf16=False):
+    def __init__(
+        self,
+        *,
+        model,
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,
+        use_bf16=False,
+    ):
         if use_fp16 and use_bf16:
             raise UsageError("--use_fp16 and --use_bf16 exclude each other: pick one")
         self.model = model

@@ -16,6 +16,7 @@ functions of samplers.py, its bits/dim methods over those of losses.py.
 """
 
 import enum
+import functools
 import math
 
 import numpy as np
@@ -168,6 +169,27 @@ def _process_xstart(x, clip_denoised, denoised_fn):
 # --------------------------------------------------------------------------- diffusion
 
 
+def _options(clip_denoised, denoised_fn, cond_fn, model_kwargs, **more):
+    """The keyword options every sampler of samplers.py shares, from the original's positional arguments."""
+    return dict(
+        clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, **more
+    )
+
+
+def _last_sample_of(progressive):
+    """A method with the arguments of the progressive loop method that runs it to its end and returns the
+    last sample. It calls the loop through self, so a subclass's override of it is used."""
+
+    def loop(self, *args, **kwargs):
+        return _final(getattr(self, progressive.__name__)(*args, **kwargs))
+
+    functools.update_wrapper(loop, progressive)  # its signature, for help() and inspect
+    loop.__name__ = progressive.__name__.replace("_progressive", "")
+    loop.__qualname__ = progressive.__qualname__.replace("_progressive", "")
+    loop.__doc__ = f"Sample with {loop.__name__}; returns the final batch, the last of {progressive.__name__}."
+    return loop
+
+
 class GaussianDiffusion:
     """Utilities for training and sampling diffusion models.
 
@@ -303,53 +325,79 @@ class GaussianDiffusion:
 
     # ---------------------------------------------------------------- sampling (see samplers.py)
 
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, *,
-                 generator=None):
+    def p_sample(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, *, generator=None
+    ):
         """Draw x_{t-1} ~ p(x_{t-1} | x_t) (DDPM, Alg. 2): samplers.ddpm_step. generator: beyond the original."""
-        return ddpm_step(self, model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-                         model_kwargs=model_kwargs, generator=generator)
+        options = _options(clip_denoised, denoised_fn, cond_fn, model_kwargs)
+        return ddpm_step(self, model, x, t, generator=generator, **options)
 
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                      model_kwargs=None, device=None, progress=False, *, generator=None):
-        """Sample with DDPM; returns the final (N, C, ...) batch, the last of p_sample_loop_progressive."""
-        return _final(self.p_sample_loop_progressive(model, shape, noise, clip_denoised, denoised_fn, cond_fn,
-                                                     model_kwargs, device, progress, generator=generator))
-
-    def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                  cond_fn=None, model_kwargs=None, device=None, progress=False, *, generator=None):
+    def p_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        *,
+        generator=None,
+    ):
         """Yield p_sample's dict at every step, from t = T-1 down to 0: samplers.sample_ddpm_progressive."""
-        x_T = initial_noise(model, shape, noise, device, generator)
-        yield from sample_ddpm_progressive(self, model, x_T, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                           cond_fn=cond_fn, model_kwargs=model_kwargs, progress=progress,
-                                           generator=generator)
+        x_T = initial_noise(model, shape, noise, device, generator)  # (N, C, H, W)
+        options = _options(clip_denoised, denoised_fn, cond_fn, model_kwargs, progress=progress)
+        yield from sample_ddpm_progressive(self, model, x_T, generator=generator, **options)
 
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
-                    eta=0.0, *, generator=None):
+    def ddim_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        eta=0.0,
+        *,
+        generator=None,
+    ):
         """Draw x_{t-1} with DDIM (Song et al. 2021, Eq. 12): samplers.ddim_step."""
-        return ddim_step(self, model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-                         model_kwargs=model_kwargs, eta=eta, generator=generator)
+        options = _options(clip_denoised, denoised_fn, cond_fn, model_kwargs, eta=eta)
+        return ddim_step(self, model, x, t, generator=generator, **options)
 
     def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
         """Step the deterministic DDIM ODE forward, x_t -> x_{t+1}: samplers.ddim_reverse_step."""
         if eta != 0.0:
             raise ValueError("ddim_reverse_sample follows the deterministic ODE only: eta must be 0")
-        return ddim_reverse_step(self, model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                 model_kwargs=model_kwargs)
+        options = dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+        return ddim_reverse_step(self, model, x, t, **options)
 
-    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                         model_kwargs=None, device=None, progress=False, eta=0.0, *, generator=None):
-        """Sample with DDIM; returns the final (N, C, ...) batch, the last of ddim_sample_loop_progressive."""
-        return _final(self.ddim_sample_loop_progressive(model, shape, noise, clip_denoised, denoised_fn, cond_fn,
-                                                        model_kwargs, device, progress, eta, generator=generator))
-
-    def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                     cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0, *,
-                                     generator=None):
+    def ddim_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+        *,
+        generator=None,
+    ):
         """Yield ddim_sample's dict at every step, from t = T-1 down to 0: samplers.sample_ddim_progressive."""
-        x_T = initial_noise(model, shape, noise, device, generator)
-        yield from sample_ddim_progressive(self, model, x_T, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                           cond_fn=cond_fn, model_kwargs=model_kwargs, progress=progress,
-                                           generator=generator, eta=eta)
+        x_T = initial_noise(model, shape, noise, device, generator)  # (N, C, H, W)
+        options = _options(clip_denoised, denoised_fn, cond_fn, model_kwargs, progress=progress, eta=eta)
+        yield from sample_ddim_progressive(self, model, x_T, generator=generator, **options)
+
+    # The plain loops take the progressive ones' arguments and return their final batch (N, C, ...).
+    p_sample_loop = _last_sample_of(p_sample_loop_progressive)
+    ddim_sample_loop = _last_sample_of(ddim_sample_loop_progressive)
 
     # ---------------------------------------------------------------- losses (see below and losses.py)
 

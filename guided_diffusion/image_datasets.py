@@ -75,8 +75,15 @@ def load_data(
 
 def _this_ranks_shard(image_size, paths, classes, random_crop, random_flip):
     """The ImageDataset of this rank's interleaved slice of the paths."""
-    return ImageDataset(image_size, paths, classes=classes, shard=dist_util.get_rank(),
-                        num_shards=dist_util.get_world_size(), random_crop=random_crop, random_flip=random_flip)
+    return ImageDataset(
+        image_size,
+        paths,
+        classes=classes,
+        shard=dist_util.get_rank(),
+        num_shards=dist_util.get_world_size(),
+        random_crop=random_crop,
+        random_flip=random_flip,
+    )
 
 
 def class_names(data_dir, label_source="filename"):
@@ -143,8 +150,10 @@ def training_data_dir(data_dir, image_size, validation=False):
     folder = ensure_toy_dataset(image_size=image_size, seed=seed)
     if dist_util.is_main_process():
         kind = "validation" if validation else "training"
-        logger.log(f"no --{'val_' if validation else ''}data_dir given: {kind} on the built-in toy shapes dataset "
-                   f"({len(TOY_CLASSES)} classes: {', '.join(TOY_CLASSES)}) at {folder}")
+        logger.log(
+            f"no --{'val_' if validation else ''}data_dir given: {kind} on the built-in toy shapes dataset "
+            f"({len(TOY_CLASSES)} classes: {', '.join(TOY_CLASSES)}) at {folder}"
+        )
     return folder
 
 
@@ -154,8 +163,10 @@ def labeled_data_dir(data_dir, image_size, num_classes, validation=False, label_
     folder = training_data_dir(data_dir, image_size, validation=validation)
     names = class_names(folder, label_source=label_source)
     if len(names) > num_classes:
-        raise UsageError(f"{folder} holds {len(names)} classes ({', '.join(names[:5])}...) but --num_classes is "
-                         f"{num_classes}; pass --num_classes {len(names)}")
+        raise UsageError(
+            f"{folder} holds {len(names)} classes ({', '.join(names[:5])}...) but --num_classes is "
+            f"{num_classes}; pass --num_classes {len(names)}"
+        )
     if not validation and dist_util.is_main_process():
         path = bf.join(logger.get_dir(), CLASS_NAMES_FILE)
         save_class_names(names, path)
@@ -205,9 +216,7 @@ def _list_data_dir(data_dir):
         )
     if not bf.isdir(data_dir):
         problem = "is not a directory" if bf.exists(data_dir) else "does not exist"
-        raise UserError(
-            f"--data_dir {data_dir!r} {problem}; point it at a folder of images."
-        )
+        raise UserError(f"--data_dir {data_dir!r} {problem}; point it at a folder of images.")
     paths = _list_image_files_recursively(data_dir)
     if not paths:
         raise UserError(
@@ -296,14 +305,7 @@ class ImageDataset(Dataset):
     """
 
     def __init__(
-        self,
-        resolution,
-        image_paths,
-        classes=None,
-        shard=0,
-        num_shards=1,
-        random_crop=False,
-        random_flip=True,
+        self, resolution, image_paths, classes=None, shard=0, num_shards=1, random_crop=False, random_flip=True
     ):
         super().__init__()
         self.resolution = resolution
@@ -371,20 +373,21 @@ def _resize_short_side(pil_image, target):
     # BICUBIC alone aliases badly on big downscales, so first halve with a
     # box filter (a proper average) while the image is still >= 2x too big.
     while min(*pil_image.size) >= 2 * target:
-        pil_image = pil_image.resize(
-            tuple(x // 2 for x in pil_image.size), resample=Image.BOX
-        )
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = target / min(*pil_image.size)
-    return pil_image.resize(
-        tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC
-    )
+    return pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
 
 
 def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False, label_source="filename"):
     """Batches of large_size images whose cond also holds `low_res`: the same images area-downsampled to small_size."""
     import torch.nn.functional as F
 
-    for large_batch, model_kwargs in load_data(data_dir=data_dir, batch_size=batch_size, image_size=large_size,
-                                               class_cond=class_cond, label_source=label_source):
+    for large_batch, model_kwargs in load_data(
+        data_dir=data_dir,
+        batch_size=batch_size,
+        image_size=large_size,
+        class_cond=class_cond,
+        label_source=label_source,
+    ):
         model_kwargs["low_res"] = F.interpolate(large_batch, small_size, mode="area")
         yield large_batch, model_kwargs

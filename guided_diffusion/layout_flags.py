@@ -12,8 +12,16 @@ from .checkpoints import layout_differences, layout_of
 from .script_util import MODEL_KINDS
 
 # Flags that leave the state-dict layout unchanged, so a checkpoint cannot reveal them.
-LAYOUT_FREE_FLAGS = ("num_heads", "num_head_channels", "num_heads_upsample", "use_new_attention_order", "dropout",
-                     "use_fp16", "classifier_use_fp16", "use_checkpoint")
+LAYOUT_FREE_FLAGS = (
+    "num_heads",
+    "num_head_channels",
+    "num_heads_upsample",
+    "use_new_attention_order",
+    "dropout",
+    "use_fp16",
+    "classifier_use_fp16",
+    "use_checkpoint",
+)
 # Flags of the diffusion a model was trained with that sampling must repeat; no shape shows them.
 _UNREADABLE_DIFFUSION_FLAGS = ("diffusion_steps", "noise_schedule", "predict_xstart", "rescale_timesteps")
 # Layout-free flags that are choices of each run, not properties of the trained model.

@@ -72,8 +72,7 @@ def _truncate(text):
 
 def _render_table(kvs):
     rows = sorted(
-        ((_truncate(str(k)), _truncate(_format_value(v))) for k, v in kvs.items()),
-        key=lambda row: row[0].lower(),
+        ((_truncate(str(k)), _truncate(_format_value(v))) for k, v in kvs.items()), key=lambda row: row[0].lower()
     )
     key_w = max(len(k) for k, _ in rows)
     val_w = max(len(v) for _, v in rows)
@@ -201,9 +200,7 @@ def make_output_format(format, ev_dir, log_suffix=""):
         return CSVOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.csv"))
     if format == "tensorboard":
         return TensorBoardOutputFormat(os.path.join(ev_dir, f"tb{log_suffix}"))
-    raise ValueError(
-        f"Unknown log format {format!r}; valid formats are {', '.join(VALID_FORMATS)}"
-    )
+    raise ValueError(f"Unknown log format {format!r}; valid formats are {', '.join(VALID_FORMATS)}")
 
 
 # ---------------------------------------------------------------------------

@@ -21,9 +21,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     if ref is None:
         raise TypeError("normal_kl needs at least one tensor argument")
     logvar1, logvar2 = (x if isinstance(x, th.Tensor) else th.tensor(x).to(ref) for x in (logvar1, logvar2))
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + th.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * th.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + th.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * th.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x):

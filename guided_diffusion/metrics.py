@@ -54,18 +54,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(
+            f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+        )
     diff = mu1 - mu2
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
-        warnings.warn(f"FID: the product of covariances is singular; adding {eps} to their diagonals")
+        warnings.warn(f"FID: the product of covariances is singular; adding {eps} to their diagonals", stacklevel=2)
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise UserError(f"FID: the square root of the covariance product has an imaginary component "
-                             f"{np.max(np.abs(covmean.imag))}; use more samples than feature dimensions")
+            raise UserError(
+                f"FID: the square root of the covariance product has an imaginary component "
+                f"{np.max(np.abs(covmean.imag))}; use more samples than feature dimensions"
+            )
         covmean = covmean.real
     return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
 
@@ -82,7 +85,7 @@ def inception_score(probs, split_size=IS_SPLIT_SIZE):
     probs = np.asarray(probs)
     scores = []
     for start in range(0, len(probs), split_size):
-        part = probs[start:start + split_size]
+        part = probs[start : start + split_size]
         marginal = np.mean(part, axis=0, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
             kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0)
@@ -127,12 +130,12 @@ def manifold_radii(features, k=DEFAULT_K, block=DEFAULT_BLOCK, half=True):
         raise UserError(f"precision/recall with k={k} need more than {k} feature rows, got {len(x)}")
     radii = th.empty(len(x))
     for r0 in range(0, len(x), block):
-        rows = x[r0:r0 + block]
+        rows = x[r0 : r0 + block]
         best = th.full((len(rows), 0), float("inf"))
         for c0 in range(0, len(x), block):
-            d = pairwise_distances(rows, x[c0:c0 + block], half)
+            d = pairwise_distances(rows, x[c0 : c0 + block], half)
             best = th.cat([best, d], dim=1).topk(min(k + 1, best.shape[1] + d.shape[1]), dim=1, largest=False).values
-        radii[r0:r0 + block] = best[:, k]
+        radii[r0 : r0 + block] = best[:, k]
     return radii.numpy()
 
 
@@ -150,9 +153,9 @@ def precision_recall(ref_features, sample_features, k=DEFAULT_K, block=DEFAULT_B
     ref_inside = th.zeros(len(ref), dtype=th.bool)
     for r0 in range(0, len(ref), block):
         for s0 in range(0, len(sample), block):
-            d = pairwise_distances(ref[r0:r0 + block], sample[s0:s0 + block], half)  # (refs, samples)
-            sample_inside[s0:s0 + block] |= (d <= ref_radii[r0:r0 + block, None]).any(dim=0)
-            ref_inside[r0:r0 + block] |= (d <= sample_radii[None, s0:s0 + block]).any(dim=1)
+            d = pairwise_distances(ref[r0 : r0 + block], sample[s0 : s0 + block], half)  # (refs, samples)
+            sample_inside[s0 : s0 + block] |= (d <= ref_radii[r0 : r0 + block, None]).any(dim=0)
+            ref_inside[r0 : r0 + block] |= (d <= sample_radii[None, s0 : s0 + block]).any(dim=1)
     return float(sample_inside.double().mean()), float(ref_inside.double().mean())
 
 

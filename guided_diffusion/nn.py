@@ -165,5 +165,8 @@ def _device_type(args):
 
 def _autocast_state(device_type):
     """The autocast settings in force now, to recompute under the same ones in backward."""
-    return {"enabled": th.is_autocast_enabled(device_type), "dtype": th.get_autocast_dtype(device_type),
-            "cache_enabled": th.is_autocast_cache_enabled()}
+    return {
+        "enabled": th.is_autocast_enabled(device_type),
+        "dtype": th.get_autocast_dtype(device_type),
+        "cache_enabled": th.is_autocast_cache_enabled(),
+    }

@@ -36,43 +36,114 @@ class ReleasedCheckpoint:
 
 
 # Flags the README repeats for every diffusion and upsampling model.
-_COMMON = dict(attention_resolutions="32,16,8", diffusion_steps=1000, learn_sigma=True, resblock_updown=True,
-               use_fp16=True, use_scale_shift_norm=True)
-_256 = dict(_COMMON, class_cond=True, image_size=256, noise_schedule="linear", num_channels=256,
-            num_head_channels=64, num_res_blocks=2)
+_COMMON = dict(
+    attention_resolutions="32,16,8",
+    diffusion_steps=1000,
+    learn_sigma=True,
+    resblock_updown=True,
+    use_fp16=True,
+    use_scale_shift_norm=True,
+)
+_256 = dict(
+    _COMMON,
+    class_cond=True,
+    image_size=256,
+    noise_schedule="linear",
+    num_channels=256,
+    num_head_channels=64,
+    num_res_blocks=2,
+)
 
 # 15 released files, 11 layouts. The LSUN models were trained with dropout 0.1 (lsun_horse_nodropout.pt
 # with 0), 256x256_diffusion_uncond.pt without: dropout does not change the layout nor sampling.
 RELEASED = (
-    ReleasedCheckpoint("64x64_diffusion", "diffusion", dict(
-        _COMMON, class_cond=True, dropout=0.1, image_size=64, noise_schedule="cosine", num_channels=192,
-        num_head_channels=64, num_res_blocks=3, use_new_attention_order=True), ("64x64_diffusion.pt",)),
-    ReleasedCheckpoint("128x128_diffusion", "diffusion", dict(
-        _COMMON, class_cond=True, image_size=128, noise_schedule="linear", num_channels=256, num_heads=4,
-        num_res_blocks=2), ("128x128_diffusion.pt",)),
+    ReleasedCheckpoint(
+        "64x64_diffusion",
+        "diffusion",
+        dict(
+            _COMMON,
+            class_cond=True,
+            dropout=0.1,
+            image_size=64,
+            noise_schedule="cosine",
+            num_channels=192,
+            num_head_channels=64,
+            num_res_blocks=3,
+            use_new_attention_order=True,
+        ),
+        ("64x64_diffusion.pt",),
+    ),
+    ReleasedCheckpoint(
+        "128x128_diffusion",
+        "diffusion",
+        dict(
+            _COMMON,
+            class_cond=True,
+            image_size=128,
+            noise_schedule="linear",
+            num_channels=256,
+            num_heads=4,
+            num_res_blocks=2,
+        ),
+        ("128x128_diffusion.pt",),
+    ),
     ReleasedCheckpoint("256x256_diffusion", "diffusion", _256, ("256x256_diffusion.pt",)),
-    ReleasedCheckpoint("256x256_diffusion_uncond", "diffusion", dict(_256, class_cond=False), (
-        "256x256_diffusion_uncond.pt", "lsun_bedroom.pt", "lsun_cat.pt", "lsun_horse.pt",
-        "lsun_horse_nodropout.pt")),
-    ReleasedCheckpoint("512x512_diffusion", "diffusion", dict(_256, use_fp16=False, image_size=512),
-                       ("512x512_diffusion.pt",)),
-    ReleasedCheckpoint("64x64_classifier", "classifier", dict(image_size=64, classifier_depth=4),
-                       ("64x64_classifier.pt",)),
+    ReleasedCheckpoint(
+        "256x256_diffusion_uncond",
+        "diffusion",
+        dict(_256, class_cond=False),
+        ("256x256_diffusion_uncond.pt", "lsun_bedroom.pt", "lsun_cat.pt", "lsun_horse.pt", "lsun_horse_nodropout.pt"),
+    ),
+    ReleasedCheckpoint(
+        "512x512_diffusion", "diffusion", dict(_256, use_fp16=False, image_size=512), ("512x512_diffusion.pt",)
+    ),
+    ReleasedCheckpoint(
+        "64x64_classifier", "classifier", dict(image_size=64, classifier_depth=4), ("64x64_classifier.pt",)
+    ),
     ReleasedCheckpoint("128x128_classifier", "classifier", dict(image_size=128), ("128x128_classifier.pt",)),
     ReleasedCheckpoint("256x256_classifier", "classifier", dict(image_size=256), ("256x256_classifier.pt",)),
     ReleasedCheckpoint("512x512_classifier", "classifier", dict(image_size=512), ("512x512_classifier.pt",)),
-    ReleasedCheckpoint("64_256_upsampler", "super_res", dict(
-        _COMMON, class_cond=True, large_size=256, small_size=64, noise_schedule="linear", num_channels=192,
-        num_heads=4, num_res_blocks=2), ("64_256_upsampler.pt",)),
-    ReleasedCheckpoint("128_512_upsampler", "super_res", dict(
-        _COMMON, attention_resolutions="32,16", class_cond=True, large_size=512, small_size=128,
-        noise_schedule="linear", num_channels=192, num_head_channels=64, num_res_blocks=2),
-        ("128_512_upsampler.pt",)),
+    ReleasedCheckpoint(
+        "64_256_upsampler",
+        "super_res",
+        dict(
+            _COMMON,
+            class_cond=True,
+            large_size=256,
+            small_size=64,
+            noise_schedule="linear",
+            num_channels=192,
+            num_heads=4,
+            num_res_blocks=2,
+        ),
+        ("64_256_upsampler.pt",),
+    ),
+    ReleasedCheckpoint(
+        "128_512_upsampler",
+        "super_res",
+        dict(
+            _COMMON,
+            attention_resolutions="32,16",
+            class_cond=True,
+            large_size=512,
+            small_size=128,
+            noise_schedule="linear",
+            num_channels=192,
+            num_head_channels=64,
+            num_res_blocks=2,
+        ),
+        ("128_512_upsampler.pt",),
+    ),
 )
 _BY_NAME = {record.name: record for record in RELEASED}
 
-KIND_NAMES = {"diffusion": "diffusion model", "super_res": "super-resolution model",
-              "classifier": "noisy classifier", "optimizer": "optimizer state", "unknown": "not a model checkpoint"}
+KIND_NAMES = {
+    "diffusion": "diffusion model",
+    "super_res": "super-resolution model",
+    "classifier": "noisy classifier",
+    "optimizer": "optimizer state",
+    "unknown": "not a model checkpoint",
+}
 
 
 # --------------------------------------------------------------------------- released layouts
@@ -112,8 +183,12 @@ class _SkipInit(TorchFunctionMode):
         kwargs = kwargs or {}
         if getattr(func, "__module__", None) == "torch.nn.init":
             return args[0] if args else kwargs["tensor"]
-        if func in _SCALINGS and len(args) == 2 and getattr(args[0], "is_meta", False) \
-                and isinstance(args[1], (int, float)):
+        if (
+            func in _SCALINGS
+            and len(args) == 2
+            and getattr(args[0], "is_meta", False)
+            and isinstance(args[1], (int, float))
+        ):
             return args[0]  # same shape; the values do not exist on the meta device anyway
         return func(*args, **kwargs)
 
@@ -159,7 +234,7 @@ def _same_layout(expected, found):
 
 
 def checkpoint_kind(obj):
-    """"diffusion", "super_res", "classifier", "optimizer" or "unknown", for a loaded checkpoint object."""
+    """ "diffusion", "super_res", "classifier", "optimizer" or "unknown", for a loaded checkpoint object."""
     if isinstance(obj, dict) and isinstance(obj.get("state"), dict) and isinstance(obj.get("param_groups"), list):
         return "optimizer"  # an optimizer's state_dict(); TrainLoop may add lg_loss_scale
     if not is_state_dict(obj) or not obj:
@@ -221,17 +296,29 @@ def _origin(basename):
 
 def _tensor_summary(tensors):
     tensors = list(tensors)
-    return {"tensors": len(tensors), "parameters": sum(t.numel() for t in tensors),
-            "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors})}
+    return {
+        "tensors": len(tensors),
+        "parameters": sum(t.numel() for t in tensors),
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
+    }
 
 
 def _optimizer_summary(state):
     """Parameter groups, tensors (moments, steps) and learning rates of an optimizer's state_dict()."""
     groups = [g for g in state["param_groups"] if isinstance(g, dict)]
-    tensors = [v for per_param in state["state"].values() if isinstance(per_param, dict)
-               for v in per_param.values() if isinstance(v, th.Tensor)]
-    out = {"param_groups": len(groups), "optimized_parameters": sum(len(g.get("params", ())) for g in groups),
-           "lr": sorted({float(g["lr"]) for g in groups if "lr" in g}), **_tensor_summary(tensors)}
+    tensors = [
+        v
+        for per_param in state["state"].values()
+        if isinstance(per_param, dict)
+        for v in per_param.values()
+        if isinstance(v, th.Tensor)
+    ]
+    out = {
+        "param_groups": len(groups),
+        "optimized_parameters": sum(len(g.get("params", ())) for g in groups),
+        "lr": sorted({float(g["lr"]) for g in groups if "lr" in g}),
+        **_tensor_summary(tensors),
+    }
     out["elements"] = out.pop("parameters")  # moments and steps, not model parameters
     if "lg_loss_scale" in state:
         out["lg_loss_scale"] = float(state["lg_loss_scale"])
@@ -300,8 +387,10 @@ def format_description(d):
     lines = [f"{d['file']}: {d['what']}{origin}"]
     if d["kind"] == "optimizer":
         lr = ", ".join(f"{x:g}" for x in d["lr"]) or "?"
-        lines.append(f"  {d['param_groups']} parameter group(s), lr {lr}, over {d['optimized_parameters']} "
-                     f"parameters: {d['tensors']} tensors ({d['elements']:,} elements, {', '.join(d['dtypes'])})")
+        lines.append(
+            f"  {d['param_groups']} parameter group(s), lr {lr}, over {d['optimized_parameters']} "
+            f"parameters: {d['tensors']} tensors ({d['elements']:,} elements, {', '.join(d['dtypes'])})"
+        )
         if "lg_loss_scale" in d:
             lines.append(f"  fp16 loss scale: 2^{d['lg_loss_scale']:g}")
     elif "tensors" in d:
@@ -316,15 +405,19 @@ def format_description(d):
 def _format_fit(d):
     released = d["released"]
     if released:
-        lines = [f"  released checkpoint: {released['name']} ({', '.join(released['files'])})",
-                 f"  flags (the original README's): {d['command'] or '(the defaults)'}"]
+        lines = [
+            f"  released checkpoint: {released['name']} ({', '.join(released['files'])})",
+            f"  flags (the original README's): {d['command'] or '(the defaults)'}",
+        ]
     elif d["flags"] is None:
-        lines = ["  released checkpoint: none",
-                 "  flags: no flag values found that build this layout"]
+        lines = ["  released checkpoint: none", "  flags: no flag values found that build this layout"]
     else:
-        lines = ["  released checkpoint: none",
-                 f"  flags (inferred from the shapes): {d['command'] or '(the defaults)'}"]
+        lines = [
+            "  released checkpoint: none",
+            f"  flags (inferred from the shapes): {d['command'] or '(the defaults)'}",
+        ]
     if d["unreadable_flags"]:
-        lines.append(f"  not readable from the layout, pass the values it was trained with: "
-                     f"{', '.join(d['unreadable_flags'])}")
+        lines.append(
+            f"  not readable from the layout, pass the values it was trained with: {', '.join(d['unreadable_flags'])}"
+        )
     return lines

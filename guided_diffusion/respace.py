@@ -47,7 +47,7 @@ def _parse_counts(text):
 
 
 def _ddim_timesteps(num_timesteps, spec):
-    desired = int(spec[len("ddim"):])
+    desired = int(spec[len("ddim") :])
     for stride in range(1, num_timesteps):
         if len(range(0, num_timesteps, stride)) == desired:
             return set(range(0, num_timesteps, stride))
@@ -65,8 +65,9 @@ def _section_sizes(num_timesteps, num_sections):
 def _strided_offsets(size, count):
     """`count` offsets spread evenly over 0..size-1, both ends included."""
     if count > size or count < 1:
-        raise ValueError(f"cannot divide a section of {size} steps into {count} "
-                         "(timestep_respacing asks for more steps than exist)")
+        raise ValueError(
+            f"cannot divide a section of {size} steps into {count} (timestep_respacing asks for more steps than exist)"
+        )
     stride = 1 if count <= 1 else (size - 1) / (count - 1)
     # Python's round (half to even) on the accumulated float, as the original.
     offsets, position = [], 0.0
@@ -140,4 +141,3 @@ class _WrappedModel:
         if self.rescale_timesteps:
             new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
         return self.model(x, new_ts, **kwargs)
-

@@ -151,11 +151,13 @@ def score_guidance(diffusion, cond_fn, p_mean_var, x, t, model_kwargs=None):
 # --------------------------------------------------------------------------- DDPM
 
 
-def ddpm_step(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
-              generator=None):
+def ddpm_step(
+    diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None, generator=None
+):
     """Draw x_{t-1} ~ p(x_{t-1} | x_t) (DDPM, Alg. 2); returns {"sample", "pred_xstart"}, each x's shape."""
-    out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                    model_kwargs=model_kwargs)
+    out = diffusion.p_mean_variance(
+        model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+    )
     # Drawn before cond_fn runs, as the original, so seeded runs give the same samples.
     noise = _noise_like(x, generator)
     if cond_fn is not None:
@@ -165,13 +167,23 @@ def ddpm_step(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None, c
     return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
 
-def sample_ddpm_progressive(diffusion, model, noise, *, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                            model_kwargs=None, progress=False, generator=None):
+def sample_ddpm_progressive(
+    diffusion,
+    model,
+    noise,
+    *,
+    clip_denoised=True,
+    denoised_fn=None,
+    cond_fn=None,
+    model_kwargs=None,
+    progress=False,
+    generator=None,
+):
     """Yield diffusion.p_sample's dict at every timestep, from T-1 down to 0."""
 
     def step(x, t, _):
-        return diffusion.p_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                  cond_fn=cond_fn, model_kwargs=model_kwargs, generator=generator)
+        # Through the method, as the original's loop does: a subclass's p_sample (respacing, say) takes part.
+        return diffusion.p_sample(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, generator=generator)
 
     return _timestep_loop(noise, _every_timestep(diffusion), step, progress)
 
@@ -184,11 +196,23 @@ def sample_ddpm(diffusion, model, noise, **kwargs):
 # --------------------------------------------------------------------------- DDIM
 
 
-def ddim_step(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
-              eta=0.0, generator=None):
+def ddim_step(
+    diffusion,
+    model,
+    x,
+    t,
+    *,
+    clip_denoised=True,
+    denoised_fn=None,
+    cond_fn=None,
+    model_kwargs=None,
+    eta=0.0,
+    generator=None,
+):
     """Draw x_{t-1} with DDIM (Song et al. 2021, Eq. 12); eta = 1 is DDPM-like, 0 is deterministic."""
-    out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                    model_kwargs=model_kwargs)
+    out = diffusion.p_mean_variance(
+        model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+    )
     if cond_fn is not None:
         out = diffusion.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
     # Recompute eps from the (clipped) x_0 so the two stay consistent.
@@ -205,8 +229,9 @@ def ddim_step(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None, c
 
 def ddim_reverse_step(diffusion, model, x, t, *, clip_denoised=True, denoised_fn=None, model_kwargs=None):
     """Step the deterministic DDIM ODE forward, x_t -> x_{t+1} (Song et al. 2021, Sec. 4.3)."""
-    out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                    model_kwargs=model_kwargs)
+    out = diffusion.p_mean_variance(
+        model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+    )
     eps = diffusion._predict_eps_from_xstart(x, t, out["pred_xstart"])
     alpha_bar_next = _at(diffusion.alphas_cumprod_next, t, x)
     # DDIM, Eq. 12 with sigma = 0, run from t to t + 1.
@@ -214,13 +239,24 @@ def ddim_reverse_step(diffusion, model, x, t, *, clip_denoised=True, denoised_fn
     return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
 
-def sample_ddim_progressive(diffusion, model, noise, *, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                            model_kwargs=None, progress=False, generator=None, eta=0.0):
+def sample_ddim_progressive(
+    diffusion,
+    model,
+    noise,
+    *,
+    clip_denoised=True,
+    denoised_fn=None,
+    cond_fn=None,
+    model_kwargs=None,
+    progress=False,
+    generator=None,
+    eta=0.0,
+):
     """Yield diffusion.ddim_sample's dict at every timestep, from T-1 down to 0."""
 
     def step(x, t, _):
-        return diffusion.ddim_sample(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                     cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, generator=generator)
+        options = dict(denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta)
+        return diffusion.ddim_sample(model, x, t, clip_denoised, generator=generator, **options)
 
     return _timestep_loop(noise, _every_timestep(diffusion), step, progress)
 
@@ -289,8 +325,9 @@ def dynamic_threshold(percentile):
 
 def predict_x0(diffusion, model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs):
     """The model's (clipped, guided) x0 at timesteps t (N,), as the original's DDIM step computes it."""
-    out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                    model_kwargs=model_kwargs)
+    out = diffusion.p_mean_variance(
+        model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
+    )
     if cond_fn is not None:
         # eps' = eps - sqrt(1 - abar) * grad log p(y | x_t) (ADM, Eq. 14), then x0 from eps'
         out = diffusion.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
@@ -370,9 +407,23 @@ def _multistep(alphas_cumprod, order, sde, lower_order_final, generator):
     return update
 
 
-def sample_dpmpp_progressive(diffusion, model, noise, *, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                             model_kwargs=None, progress=False, generator=None, steps=20, order=2, sde=False,
-                             schedule="time", lower_order_final=True):
+def sample_dpmpp_progressive(
+    diffusion,
+    model,
+    noise,
+    *,
+    clip_denoised=True,
+    denoised_fn=None,
+    cond_fn=None,
+    model_kwargs=None,
+    progress=False,
+    generator=None,
+    steps=20,
+    order=2,
+    sde=False,
+    schedule="time",
+    lower_order_final=True,
+):
     """Yield {"sample", "pred_xstart", "t"} after each of the `steps` model evaluations (DPM-Solver++ of `order`,
     the SDE variant with sde=True, on the step schedule "time" or "logsnr"); the last "sample" is the result."""
     ts = step_timesteps(diffusion.alphas_cumprod, steps, schedule)  # (steps,) descending, ends at 0

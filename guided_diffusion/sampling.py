@@ -39,8 +39,14 @@ def load_model(kind, args, path, path_flag="model_path"):
     flags, record = flags_for_checkpoint(kind, args, state, path)
     model, diffusion = create_from_flags(kind, flags)
     try:
-        load_model_state(model, state, source=path, flags=flags, build=lambda **f: create_from_flags(kind, f)[0],
-                         suggest=suggest_flags)
+        load_model_state(
+            model,
+            state,
+            source=path,
+            flags=flags,
+            build=lambda **f: create_from_flags(kind, f)[0],
+            suggest=suggest_flags,
+        )
     except CheckpointMismatchError as exc:
         raise CheckpointMismatchError(f"{exc}\n{_released_hint(record)}" if record else str(exc)) from None
     model.to(dist_util.dev())
@@ -75,8 +81,10 @@ def flags_for_checkpoint(kind, args, state, path):
     flags.update(chosen)
     for name, value in chosen.items():
         setattr(args, name, value)
-    logger.log(f"{os.path.basename(path)} has the layout of the released {', '.join(record.files)}; using its "
-               f"flags: {shown}{note}")
+    logger.log(
+        f"{os.path.basename(path)} has the layout of the released {', '.join(record.files)}; using its "
+        f"flags: {shown}{note}"
+    )
     return flags, record
 
 
@@ -95,16 +103,20 @@ def _check_agreement(args, chosen, path):
     inferred = getattr(args, "_inferred", {})
     for name, value in chosen.items():
         if name in inferred and inferred[name][0] != value:
-            raise UsageError(f"{path} needs --{name} {value} but {inferred[name][1]} needs --{name} "
-                             f"{inferred[name][0]}: use checkpoints of the same resolution")
+            raise UsageError(
+                f"{path} needs --{name} {value} but {inferred[name][1]} needs --{name} "
+                f"{inferred[name][0]}: use checkpoints of the same resolution"
+            )
     args._inferred = {**inferred, **{name: (value, path) for name, value in chosen.items()}}
 
 
 def _released_hint(record):
     from .released import command_line
 
-    return (f"It has the layout of the released {', '.join(record.files)}: give no model flags to use its flags, "
-            f"or these: {command_line(record.flags)}")
+    return (
+        f"It has the layout of the released {', '.join(record.files)}: give no model flags to use its flags, "
+        f"or these: {command_line(record.flags)}"
+    )
 
 
 def class_conditional_model(model, class_cond):
@@ -123,9 +135,11 @@ def model_fn_from_flags(model, args):
     if not args.cfg_scale:
         return model_fn
     if not args.class_cond or not has_null_class(model, args.num_classes):
-        raise UsageError(f"--cfg_scale {args.cfg_scale} needs a class-conditional model trained with label dropout, "
-                         "which has a null class: train it with --class_cond True --p_uncond 0.1 and sample it with "
-                         "the same --p_uncond")
+        raise UsageError(
+            f"--cfg_scale {args.cfg_scale} needs a class-conditional model trained with label dropout, "
+            "which has a null class: train it with --class_cond True --p_uncond 0.1 and sample it with "
+            "the same --p_uncond"
+        )
     return guided_model(model_fn, args.cfg_scale, null_label=args.num_classes)
 
 
@@ -167,8 +181,10 @@ def resolve_sampler(args):
         raise UsageError(f"--sampling_steps must be positive (or 0 for the default), got {args.sampling_steps}")
     if sampler in ("ddpm", "ddim") and args.sampling_steps:
         if args.timestep_respacing:
-            raise UsageError(f"--sampling_steps {args.sampling_steps} and --timestep_respacing "
-                             f"{args.timestep_respacing!r} both set the steps of {sampler}; give one of them")
+            raise UsageError(
+                f"--sampling_steps {args.sampling_steps} and --timestep_respacing "
+                f"{args.timestep_respacing!r} both set the steps of {sampler}; give one of them"
+            )
         args.timestep_respacing = str(args.sampling_steps)
     if sampler in SOLVERS:
         args.sampling_steps = args.sampling_steps or DEFAULT_SOLVER_STEPS
@@ -176,8 +192,9 @@ def resolve_sampler(args):
     return args
 
 
-def sample_loop(diffusion, sampler="ddpm", steps=DEFAULT_SOLVER_STEPS, step_schedule="time",
-                dynamic_threshold_percentile=0.0):
+def sample_loop(
+    diffusion, sampler="ddpm", steps=DEFAULT_SOLVER_STEPS, step_schedule="time", dynamic_threshold_percentile=0.0
+):
     """The sampling loop of `sampler`, with p_sample_loop's signature (model, shape, clip_denoised=...,
     model_kwargs=..., cond_fn=..., device=..., generator=...)."""
     if sampler == "ddpm":
@@ -191,9 +208,19 @@ def sample_loop(diffusion, sampler="ddpm", steps=DEFAULT_SOLVER_STEPS, step_sche
 
     def loop(model, shape, noise=None, clip_denoised=True, device=None, generator=None, **kwargs):
         x_T = initial_noise(model, shape, noise, device, generator)
-        return sample_dpmpp(diffusion, model, x_T, steps=steps, order=order, sde=sde, schedule=step_schedule,
-                            clip_denoised=clip_denoised and threshold is None, denoised_fn=threshold,
-                            generator=generator, **kwargs)
+        return sample_dpmpp(
+            diffusion,
+            model,
+            x_T,
+            steps=steps,
+            order=order,
+            sde=sde,
+            schedule=step_schedule,
+            clip_denoised=clip_denoised and threshold is None,
+            denoised_fn=threshold,
+            generator=generator,
+            **kwargs,
+        )
 
     return loop
 
@@ -254,8 +281,21 @@ def rank_batches(num_samples, batch_size, rank, world):
         yield list(range(first, min(first + batch_size, num_samples)))
 
 
-def generate(diffusion, model_fn, *, num_samples, batch_size, image_shape, kwargs_for, cond_fn=None,
-             use_ddim=False, clip_denoised=True, seed=-1, progress=True, sample_fn=None):
+def generate(
+    diffusion,
+    model_fn,
+    *,
+    num_samples,
+    batch_size,
+    image_shape,
+    kwargs_for,
+    cond_fn=None,
+    use_ddim=False,
+    clip_denoised=True,
+    seed=-1,
+    progress=True,
+    sample_fn=None,
+):
     """Sample num_samples images over all ranks; rank 0 returns (images uint8 NHWC, labels or None).
 
     :param image_shape: (C, H, W) of one sample.
@@ -269,8 +309,9 @@ def generate(diffusion, model_fn, *, num_samples, batch_size, image_shape, kwarg
     images, labels = [], []
     bar = _progress_bar(num_samples) if progress and rank == 0 else None
     for indices in rank_batches(num_samples, batch_size, rank, world):
-        batch, y = _sample_batch(sample_fn, model_fn, indices, image_shape, kwargs_for, cond_fn,
-                                 clip_denoised, seed, device)
+        batch, y = _sample_batch(
+            sample_fn, model_fn, indices, image_shape, kwargs_for, cond_fn, clip_denoised, seed, device
+        )
         images.append(dist_util.gather_rows(batch))
         labels.append(dist_util.gather_rows(y) if y is not None else None)
         if bar is not None:
@@ -291,8 +332,15 @@ def _sample_batch(sample_fn, model_fn, indices, image_shape, kwargs_for, cond_fn
     y = model_kwargs.get("y")
     if not indices:
         return th.zeros((0, *image_shape[1:], image_shape[0]), dtype=th.uint8, device=device), y
-    sample = sample_fn(model_fn, (len(indices), *image_shape), clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                       cond_fn=cond_fn, device=device, generator=generators)
+    sample = sample_fn(
+        model_fn,
+        (len(indices), *image_shape),
+        clip_denoised=clip_denoised,
+        model_kwargs=model_kwargs,
+        cond_fn=cond_fn,
+        device=device,
+        generator=generators,
+    )
     return to_uint8_nhwc(sample), y
 
 

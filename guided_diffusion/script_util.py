@@ -38,8 +38,14 @@ CHANNEL_MULT = {
     32: (1, 2, 2, 2),
     16: (1, 2, 2),
 }
-SR_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4),
-                   32: (1, 2, 2, 2), 16: (1, 2, 2)}
+SR_CHANNEL_MULT = {
+    512: (1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+    16: (1, 2, 2),
+}
 
 
 # --------------------------------------------------------------------------- defaults
@@ -74,9 +80,7 @@ def sr_model_and_diffusion_defaults():
     return res
 
 
-
 # --------------------------------------------------------------------------- typed values
-
 
 
 def parse_channel_mult(channel_mult, image_size, table=CHANNEL_MULT):
@@ -120,8 +124,19 @@ def label_embeddings(class_cond, num_classes, p_uncond=0.0):
     return num_classes + 1 if p_uncond > 0 else num_classes
 
 
-def unet_settings(image_size, num_channels, num_res_blocks, *, channel_mult="", learn_sigma=False, class_cond=False,
-                  attention_resolutions="16", num_classes=NUM_CLASSES, p_uncond=0.0, **same_named):
+def unet_settings(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    *,
+    channel_mult="",
+    learn_sigma=False,
+    class_cond=False,
+    attention_resolutions="16",
+    num_classes=NUM_CLASSES,
+    p_uncond=0.0,
+    **same_named,
+):
     """The typed UNetSettings of a diffusion or super-resolution model's flags.
 
     attention_resolutions in pixels become downsample rates, channel_mult '' the table's tuple
@@ -158,63 +173,146 @@ def _check_head_channels(width, channel_mult, attention_ds):
 
 
 @flag_errors()  # a flag value the network cannot be built with
-def create_model(image_size, num_channels, num_res_blocks, channel_mult="", learn_sigma=False, class_cond=False,
-                 use_checkpoint=False, attention_resolutions="16", num_heads=1, num_head_channels=-1,
-                 num_heads_upsample=-1, use_scale_shift_norm=False, dropout=0, resblock_updown=False,
-                 use_fp16=False, use_new_attention_order=False, num_classes=NUM_CLASSES, p_uncond=0.0):
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    channel_mult="",
+    learn_sigma=False,
+    class_cond=False,
+    use_checkpoint=False,
+    attention_resolutions="16",
+    num_heads=1,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=False,
+    dropout=0,
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
+    num_classes=NUM_CLASSES,
+    p_uncond=0.0,
+):
     """A UNetModel from flags (the defaults of this signature are the original's).
 
     p_uncond > 0 (classifier-free guidance) adds the null class: num_classes + 1 label embeddings.
     """
     settings = unet_settings(
-        image_size, num_channels, num_res_blocks, channel_mult=channel_mult, learn_sigma=learn_sigma,
-        class_cond=class_cond, attention_resolutions=attention_resolutions, num_classes=num_classes, p_uncond=p_uncond,
-        use_checkpoint=use_checkpoint, use_fp16=use_fp16, num_heads=num_heads, num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample, use_scale_shift_norm=use_scale_shift_norm, dropout=dropout,
-        resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order,
+        image_size,
+        num_channels,
+        num_res_blocks,
+        channel_mult=channel_mult,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        attention_resolutions=attention_resolutions,
+        num_classes=num_classes,
+        p_uncond=p_uncond,
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
     )
     return UNetModel.from_settings(settings)
 
 
 @flag_errors()  # a flag value the network cannot be built with
-def sr_create_model(large_size, small_size, num_channels, num_res_blocks, learn_sigma, class_cond, use_checkpoint,
-                    attention_resolutions, num_heads, num_head_channels, num_heads_upsample, use_scale_shift_norm,
-                    dropout, resblock_updown, use_fp16, num_classes=NUM_CLASSES, p_uncond=0.0):
+def sr_create_model(
+    large_size,
+    small_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    resblock_updown,
+    use_fp16,
+    num_classes=NUM_CLASSES,
+    p_uncond=0.0,
+):
     """A SuperResModel producing large_size images from small_size ones (its own channel_mult table)."""
     if small_size >= large_size:
         raise UsageError(f"small_size ({small_size}) must be smaller than large_size ({large_size})")
-    options = dict(use_checkpoint=use_checkpoint, use_fp16=use_fp16, num_heads=num_heads, dropout=dropout,
-                   num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
-                   use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown)
+    options = dict(
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        dropout=dropout,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+    )
     settings = unet_settings(
-        large_size, num_channels, num_res_blocks, channel_mult=parse_channel_mult("", large_size, SR_CHANNEL_MULT),
-        learn_sigma=learn_sigma, class_cond=class_cond, attention_resolutions=attention_resolutions,
-        num_classes=num_classes, p_uncond=p_uncond, **options,
+        large_size,
+        num_channels,
+        num_res_blocks,
+        channel_mult=parse_channel_mult("", large_size, SR_CHANNEL_MULT),
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        attention_resolutions=attention_resolutions,
+        num_classes=num_classes,
+        p_uncond=p_uncond,
+        **options,
     )
     return SuperResModel.from_settings(settings)
 
 
 @flag_errors()  # a flag value the network cannot be built with
-def create_classifier(image_size, classifier_use_fp16, classifier_width, classifier_depth,
-                      classifier_attention_resolutions, classifier_use_scale_shift_norm, classifier_resblock_updown,
-                      classifier_pool, num_classes=NUM_CLASSES):
+def create_classifier(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    num_classes=NUM_CLASSES,
+):
     """The noisy-image classifier: an EncoderUNetModel with num_classes outputs (channel_mult from the table)."""
     channel_mult = parse_channel_mult("", image_size)
     attention_ds = parse_attention_resolutions(classifier_attention_resolutions, image_size)
     _check_head_channels(classifier_width, channel_mult, attention_ds)
     settings = UNetSettings(
-        image_size=image_size, in_channels=3, model_channels=classifier_width, out_channels=num_classes,
-        num_res_blocks=classifier_depth, attention_resolutions=attention_ds, channel_mult=channel_mult,
-        use_fp16=classifier_use_fp16, num_head_channels=CLASSIFIER_HEAD_CHANNELS,
-        use_scale_shift_norm=classifier_use_scale_shift_norm, resblock_updown=classifier_resblock_updown,
+        image_size=image_size,
+        in_channels=3,
+        model_channels=classifier_width,
+        out_channels=num_classes,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=attention_ds,
+        channel_mult=channel_mult,
+        use_fp16=classifier_use_fp16,
+        num_head_channels=CLASSIFIER_HEAD_CHANNELS,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
         pool=classifier_pool,
     )
     return EncoderUNetModel.from_settings(settings)
 
 
-def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=False, noise_schedule="linear",
-                              use_kl=False, predict_xstart=False, rescale_timesteps=False,
-                              rescale_learned_sigmas=False, timestep_respacing=""):
+def create_gaussian_diffusion(
+    *,
+    steps=1000,
+    learn_sigma=False,
+    sigma_small=False,
+    noise_schedule="linear",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+    timestep_respacing="",
+):
     """A SpacedDiffusion from flags (all steps kept when timestep_respacing is '')."""
     with flag_errors(ValueError, NotImplementedError):  # an unknown schedule, an impossible respacing
         betas = gd.get_named_beta_schedule(noise_schedule, steps)
@@ -242,61 +340,163 @@ def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, sigma_small=Fals
 # --------------------------------------------------------------------------- (model, diffusion) pairs
 
 
-def create_model_and_diffusion(image_size, class_cond, learn_sigma, num_channels, num_res_blocks, channel_mult,
-                               num_heads, num_head_channels, num_heads_upsample, attention_resolutions, dropout,
-                               diffusion_steps, noise_schedule, timestep_respacing, use_kl, predict_xstart,
-                               rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
-                               resblock_updown, use_fp16, use_new_attention_order, num_classes=NUM_CLASSES,
-                               p_uncond=0.0):
+def create_model_and_diffusion(
+    image_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    channel_mult,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    use_new_attention_order,
+    num_classes=NUM_CLASSES,
+    p_uncond=0.0,
+):
     model = create_model(
-        image_size, num_channels, num_res_blocks, channel_mult=channel_mult, learn_sigma=learn_sigma,
-        class_cond=class_cond, use_checkpoint=use_checkpoint, attention_resolutions=attention_resolutions,
-        num_heads=num_heads, num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm, dropout=dropout, resblock_updown=resblock_updown,
-        use_fp16=use_fp16, use_new_attention_order=use_new_attention_order, num_classes=num_classes,
+        image_size,
+        num_channels,
+        num_res_blocks,
+        channel_mult=channel_mult,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+        use_new_attention_order=use_new_attention_order,
+        num_classes=num_classes,
         p_uncond=p_uncond,
     )
     diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
-        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing,
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
     )
     return model, diffusion
 
 
-def create_classifier_and_diffusion(image_size, classifier_use_fp16, classifier_width, classifier_depth,
-                                    classifier_attention_resolutions, classifier_use_scale_shift_norm,
-                                    classifier_resblock_updown, classifier_pool, learn_sigma, diffusion_steps,
-                                    noise_schedule, timestep_respacing, use_kl, predict_xstart, rescale_timesteps,
-                                    rescale_learned_sigmas, num_classes=NUM_CLASSES):
+def create_classifier_and_diffusion(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    learn_sigma,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    num_classes=NUM_CLASSES,
+):
     classifier = create_classifier(
-        image_size, classifier_use_fp16, classifier_width, classifier_depth, classifier_attention_resolutions,
-        classifier_use_scale_shift_norm, classifier_resblock_updown, classifier_pool, num_classes=num_classes,
+        image_size,
+        classifier_use_fp16,
+        classifier_width,
+        classifier_depth,
+        classifier_attention_resolutions,
+        classifier_use_scale_shift_norm,
+        classifier_resblock_updown,
+        classifier_pool,
+        num_classes=num_classes,
     )
     diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
-        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing,
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
     )
     return classifier, diffusion
 
 
-def sr_create_model_and_diffusion(large_size, small_size, class_cond, learn_sigma, num_channels, num_res_blocks,
-                                  num_heads, num_head_channels, num_heads_upsample, attention_resolutions, dropout,
-                                  diffusion_steps, noise_schedule, timestep_respacing, use_kl, predict_xstart,
-                                  rescale_timesteps, rescale_learned_sigmas, use_checkpoint, use_scale_shift_norm,
-                                  resblock_updown, use_fp16, num_classes=NUM_CLASSES, p_uncond=0.0):
+def sr_create_model_and_diffusion(
+    large_size,
+    small_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    num_classes=NUM_CLASSES,
+    p_uncond=0.0,
+):
     model = sr_create_model(
-        large_size, small_size, num_channels, num_res_blocks, learn_sigma=learn_sigma, class_cond=class_cond,
-        use_checkpoint=use_checkpoint, attention_resolutions=attention_resolutions, num_heads=num_heads,
-        num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm, dropout=dropout, resblock_updown=resblock_updown,
-        use_fp16=use_fp16, num_classes=num_classes, p_uncond=p_uncond,
+        large_size,
+        small_size,
+        num_channels,
+        num_res_blocks,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+        num_classes=num_classes,
+        p_uncond=p_uncond,
     )
     diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps, learn_sigma=learn_sigma, noise_schedule=noise_schedule, use_kl=use_kl,
-        predict_xstart=predict_xstart, rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas, timestep_respacing=timestep_respacing,
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
     )
     return model, diffusion
 
@@ -322,8 +522,6 @@ def diffusion_from_flags(flags):
     """create_gaussian_diffusion from a dict holding the diffusion flags (DIFFUSION_FLAGS)."""
     kwargs = {f.name: flags[f.name] for f in DIFFUSION_FLAGS if f.name != "diffusion_steps"}
     return create_gaussian_diffusion(steps=flags["diffusion_steps"], **kwargs)
-
-
 
 
 def compile_if_asked(model, args, backend="inductor"):

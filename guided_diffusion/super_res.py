@@ -23,11 +23,15 @@ class BaseSamples:
             self.labels = obj["arr_1"] if "arr_1" in obj else None
         expected = (small_size, small_size, 3)
         if self.images.ndim != 4 or self.images.shape[1:] != expected or self.images.dtype != np.uint8:
-            raise UserError(f"--base_samples {path}: arr_0 must be uint8 of shape (N, {small_size}, {small_size}, 3) "
-                             f"to match --small_size {small_size}, got {self.images.dtype} {self.images.shape}")
+            raise UserError(
+                f"--base_samples {path}: arr_0 must be uint8 of shape (N, {small_size}, {small_size}, 3) "
+                f"to match --small_size {small_size}, got {self.images.dtype} {self.images.shape}"
+            )
         if class_cond and self.labels is None:
-            raise UserError(f"--base_samples {path} has no labels (arr_1) but --class_cond is True; sample the "
-                             "base images with a class-conditional model, or pass --class_cond False")
+            raise UserError(
+                f"--base_samples {path} has no labels (arr_1) but --class_cond is True; sample the "
+                "base images with a class-conditional model, or pass --class_cond False"
+            )
         self.class_cond = class_cond
 
     def model_kwargs(self, indices, device):

@@ -40,10 +40,7 @@ _CLASS_COLOURS = {
 
 
 def default_toy_root():
-    return os.environ.get(
-        "GUIDED_DIFFUSION_DATA",
-        os.path.join(os.path.expanduser("~"), ".cache", "guided_diffusion"),
-    )
+    return os.environ.get("GUIDED_DIFFUSION_DATA", os.path.join(os.path.expanduser("~"), ".cache", "guided_diffusion"))
 
 
 def toy_dataset_dir(root=None, image_size=32, num_per_class=256, seed=0):
@@ -111,8 +108,7 @@ def _move_into_place(tmp, folder, params):
     if _is_complete(folder, params):
         return  # another process (e.g. another rank) finished first
     # A stale folder (older format, or tampered with): swap ours in.
-    trash = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".old-",
-                             dir=os.path.dirname(folder))
+    trash = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".old-", dir=os.path.dirname(folder))
     try:
         os.rename(folder, os.path.join(trash, "old"))
         os.rename(tmp, folder)
@@ -120,8 +116,7 @@ def _move_into_place(tmp, folder, params):
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def make_toy_dataset(folder, image_size=32, num_per_class=256, seed=0,
-                     classes=TOY_CLASSES):
+def make_toy_dataset(folder, image_size=32, num_per_class=256, seed=0, classes=TOY_CLASSES):
     """Write ``num_per_class`` PNGs per class into ``folder``; return it."""
     if image_size < 8:
         raise UsageError(f"toy images need image_size >= 8, got {image_size}")
@@ -149,9 +144,7 @@ def _save_png(arr, path):
 def render_toy_image(class_name, image_size, rng):
     """Draw one random image of ``class_name`` as a uint8 HWC RGB array."""
     if class_name not in _SHAPES:
-        raise ValueError(
-            f"unknown toy class {class_name!r}; choose from {TOY_CLASSES}"
-        )
+        raise ValueError(f"unknown toy class {class_name!r}; choose from {TOY_CLASSES}")
     x, y = _pixel_grid(image_size)
     image = _background(x, y, rng)
     dist = _SHAPES[class_name](*_shape_frame(x, y, rng))
@@ -233,9 +226,4 @@ def _triangle(u, v, half):
     return (np.maximum.reduce(planes) - radius / 2.0) * half
 
 
-_SHAPES = {
-    "circle": _circle,
-    "cross": _cross,
-    "square": _square,
-    "triangle": _triangle,
-}
+_SHAPES = {"circle": _circle, "cross": _cross, "square": _square, "triangle": _triangle}

@@ -42,9 +42,26 @@ class _Loop:
     :param max_steps: stop when global_step reaches it; None trains until interrupted.
     """
 
-    def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, log_interval, save_interval,
-                 resume_checkpoint, max_steps=None, schedule_sampler=None, weight_decay=0.0, use_fp16=False,
-                 fp16_scale_growth=1e-3, initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE, use_bf16=False):
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch,
+        lr,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        max_steps=None,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,
+        use_bf16=False,
+    ):
         self.diffusion = diffusion
         self.data = data
         self.batch_size = batch_size
@@ -60,8 +77,13 @@ class _Loop:
         self._setup_model(model, resume_checkpoint)
         self.global_step = self.resume_step
         self.global_batch = batch_size * self.world_size
-        self.mp_trainer = MixedPrecisionTrainer(model=model, use_fp16=use_fp16, fp16_scale_growth=fp16_scale_growth,
-                                                initial_lg_loss_scale=initial_lg_loss_scale, use_bf16=use_bf16)
+        self.mp_trainer = MixedPrecisionTrainer(
+            model=model,
+            use_fp16=use_fp16,
+            fp16_scale_growth=fp16_scale_growth,
+            initial_lg_loss_scale=initial_lg_loss_scale,
+            use_bf16=use_bf16,
+        )
         self.opt = make_optimizer(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
         if self.resume_step:
             self._load_optimizer_state()
@@ -126,8 +148,13 @@ class _Loop:
             return self.model
         device_ids = [self.device] if self.device.type == "cuda" else None
         # The networks hold no buffers, so there is nothing for DDP to broadcast besides gradients.
-        return DDP(self.model, device_ids=device_ids, output_device=device_ids and self.device,
-                   bucket_cap_mb=128, find_unused_parameters=False)
+        return DDP(
+            self.model,
+            device_ids=device_ids,
+            output_device=device_ids and self.device,
+            bucket_cap_mb=128,
+            find_unused_parameters=False,
+        )
 
     def _sync_context(self, sync):
         """Gradients are all-reduced only where sync is true: on the last microbatch of a training step."""
@@ -145,8 +172,7 @@ class _Loop:
     def _load_optimizer_state(self):
         path = bf.join(bf.dirname(self.resume_checkpoint), f"opt{self.resume_step:06d}.pt")
         if not bf.exists(path):
-            logger.warn(f"WARNING: no optimizer state {path} beside the checkpoint: "
-                        "Adam restarts from zero moments")
+            logger.warn(f"WARNING: no optimizer state {path} beside the checkpoint: Adam restarts from zero moments")
             return
         self._log_rank0(f"loading optimizer state from checkpoint: {path}")
         state = dist_util.load_state_dict(path, map_location=self.device)
@@ -209,16 +235,45 @@ class TrainLoop(_Loop):
     :param use_bf16: run the forward pass under bfloat16 autocast (beyond the original).
     """
 
-    def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, ema_rate, log_interval, save_interval,
-                 resume_checkpoint, use_fp16=False, fp16_scale_growth=1e-3, schedule_sampler=None, weight_decay=0.0,
-                 lr_anneal_steps=0, use_bf16=False):
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch,
+        lr,
+        ema_rate,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        use_bf16=False,
+    ):
         self.ema_rate = parse_ema_rate(ema_rate)
         self.lr_anneal_steps = lr_anneal_steps
-        super().__init__(model=model, diffusion=diffusion, data=data, batch_size=batch_size, microbatch=microbatch,
-                         lr=lr, log_interval=log_interval, save_interval=save_interval,
-                         resume_checkpoint=resume_checkpoint, max_steps=lr_anneal_steps or None,
-                         schedule_sampler=schedule_sampler, weight_decay=weight_decay, use_fp16=use_fp16,
-                         fp16_scale_growth=fp16_scale_growth, use_bf16=use_bf16)
+        super().__init__(
+            model=model,
+            diffusion=diffusion,
+            data=data,
+            batch_size=batch_size,
+            microbatch=microbatch,
+            lr=lr,
+            log_interval=log_interval,
+            save_interval=save_interval,
+            resume_checkpoint=resume_checkpoint,
+            max_steps=lr_anneal_steps or None,
+            schedule_sampler=schedule_sampler,
+            weight_decay=weight_decay,
+            use_fp16=use_fp16,
+            fp16_scale_growth=fp16_scale_growth,
+            use_bf16=use_bf16,
+        )
         self.ema_params = [self._initial_ema_parameters(rate) for rate in self.ema_rate]
 
     def _initial_ema_parameters(self, rate):
@@ -227,8 +282,10 @@ class TrainLoop(_Loop):
             return copy.deepcopy(self.mp_trainer.master_params)
         path = find_ema_checkpoint(self.resume_checkpoint, self.resume_step, rate)
         if path is None:
-            logger.warn(f"WARNING: no EMA checkpoint for rate {rate} at step {self.resume_step} beside "
-                        f"{self.resume_checkpoint}: the EMA restarts from the current weights")
+            logger.warn(
+                f"WARNING: no EMA checkpoint for rate {rate} at step {self.resume_step} beside "
+                f"{self.resume_checkpoint}: the EMA restarts from the current weights"
+            )
             ema_params = copy.deepcopy(self.mp_trainer.master_params)
         else:
             self._log_rank0(f"loading EMA from checkpoint: {path}...")
@@ -288,19 +345,51 @@ class ClassifierTrainLoop(_Loop):
     :param anneal_lr: anneal the learning rate linearly to 0 over `iterations`.
     """
 
-    def __init__(self, *, model, diffusion, data, batch_size, microbatch, lr, iterations, log_interval,
-                 save_interval, resume_checkpoint, val_data=None, eval_interval=5, noised=True, anneal_lr=False,
-                 schedule_sampler=None, weight_decay=0.0, use_fp16=False, use_bf16=False):
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch,
+        lr,
+        iterations,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        val_data=None,
+        eval_interval=5,
+        noised=True,
+        anneal_lr=False,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        use_fp16=False,
+        use_bf16=False,
+    ):
         self.iterations = iterations
         self.val_data = val_data
         self.eval_interval = eval_interval
         self.noised = noised
         self.anneal_lr = anneal_lr
         # The original starts classifier loss scaling at 2^16 rather than 2^20.
-        super().__init__(model=model, diffusion=diffusion, data=data, batch_size=batch_size, microbatch=microbatch,
-                         lr=lr, log_interval=log_interval, save_interval=save_interval,
-                         resume_checkpoint=resume_checkpoint, max_steps=iterations, schedule_sampler=schedule_sampler,
-                         weight_decay=weight_decay, use_fp16=use_fp16, initial_lg_loss_scale=16.0, use_bf16=use_bf16)
+        super().__init__(
+            model=model,
+            diffusion=diffusion,
+            data=data,
+            batch_size=batch_size,
+            microbatch=microbatch,
+            lr=lr,
+            log_interval=log_interval,
+            save_interval=save_interval,
+            resume_checkpoint=resume_checkpoint,
+            max_steps=iterations,
+            schedule_sampler=schedule_sampler,
+            weight_decay=weight_decay,
+            use_fp16=use_fp16,
+            initial_lg_loss_scale=16.0,
+            use_bf16=use_bf16,
+        )
 
     def run_step(self, batch, cond):
         """One optimizer step on labelled images, then (every eval_interval steps) one validation batch."""
@@ -346,11 +435,15 @@ class ClassifierTrainLoop(_Loop):
         return self.diffusion.q_sample(x_start, t), t
 
     def _log_metrics(self, prefix, t, logits, labels, loss):
-        log_loss_dict(self.diffusion, t, {
-            f"{prefix}_loss": loss.detach(),
-            f"{prefix}_acc@1": compute_top_k(logits, labels, k=1, reduction="none"),
-            f"{prefix}_acc@5": compute_top_k(logits, labels, k=5, reduction="none"),
-        })
+        log_loss_dict(
+            self.diffusion,
+            t,
+            {
+                f"{prefix}_loss": loss.detach(),
+                f"{prefix}_acc@1": compute_top_k(logits, labels, k=1, reduction="none"),
+                f"{prefix}_acc@5": compute_top_k(logits, labels, k=5, reduction="none"),
+            },
+        )
 
 
 def schedule_sampler_from_flags(args, diffusion):
@@ -365,16 +458,28 @@ def train_diffusion_from_flags(args, model, diffusion, data):
     With --p_uncond > 0 labels are dropped to the null class num_classes, for classifier-free guidance.
     """
     if args.p_uncond > 0:
-        logger.log(f"label dropout for classifier-free guidance: p_uncond {args.p_uncond}, "
-                   f"null class {args.num_classes}")
+        logger.log(
+            f"label dropout for classifier-free guidance: p_uncond {args.p_uncond}, null class {args.num_classes}"
+        )
         data = label_dropout(data, args.p_uncond, null_label=args.num_classes)
     logger.log("training...")
     loop = TrainLoop(
-        model=model, diffusion=diffusion, data=data, batch_size=args.batch_size, microbatch=args.microbatch,
-        lr=args.lr, ema_rate=args.ema_rate, log_interval=args.log_interval, save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint, use_fp16=args.use_fp16, fp16_scale_growth=args.fp16_scale_growth,
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
         schedule_sampler=schedule_sampler_from_flags(args, diffusion),
-        weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps, use_bf16=args.use_bf16,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        use_bf16=args.use_bf16,
     )
     loop.run_loop()
     return loop
@@ -384,12 +489,24 @@ def train_classifier_from_flags(args, model, diffusion, data, val_data=None):
     """Run ClassifierTrainLoop with the flags of classifier_train.py; returns the loop."""
     logger.log("training classifier model...")
     loop = ClassifierTrainLoop(
-        model=model, diffusion=diffusion, data=data, val_data=val_data, batch_size=args.batch_size,
-        microbatch=args.microbatch, lr=args.lr, iterations=args.iterations, log_interval=args.log_interval,
-        save_interval=args.save_interval, eval_interval=args.eval_interval, resume_checkpoint=args.resume_checkpoint,
-        noised=args.noised, anneal_lr=args.anneal_lr, weight_decay=args.weight_decay,
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        val_data=val_data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        iterations=args.iterations,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        eval_interval=args.eval_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        noised=args.noised,
+        anneal_lr=args.anneal_lr,
+        weight_decay=args.weight_decay,
         schedule_sampler=schedule_sampler_from_flags(args, diffusion),
-        use_fp16=args.classifier_use_fp16, use_bf16=args.use_bf16,
+        use_fp16=args.classifier_use_fp16,
+        use_bf16=args.use_bf16,
     )
     loop.run_loop()
     return loop

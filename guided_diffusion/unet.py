@@ -16,16 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
-from .nn import (
-    SiLU,
-    avg_pool_nd,
-    checkpoint,
-    conv_nd,
-    linear,
-    normalization,
-    timestep_embedding,
-    zero_module,
-)
+from .nn import SiLU, avg_pool_nd, checkpoint, conv_nd, linear, normalization, timestep_embedding, zero_module
 
 # How attention is computed: "sdpa" (torch's fused scaled_dot_product_attention) or "einsum"
 # (the original's explicit softmax(QK^T)V, which materialises the T x T weights; the same
@@ -132,8 +123,19 @@ class ResBlock(TimestepBlock):
     the block resamples both paths (BigGAN-style, Brock et al. 2019).
     """
 
-    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_conv=False,
-                 use_scale_shift_norm=False, dims=2, use_checkpoint=False, up=False, down=False):
+    def __init__(
+        self,
+        channels,
+        emb_channels,
+        dropout,
+        out_channels=None,
+        use_conv=False,
+        use_scale_shift_norm=False,
+        dims=2,
+        use_checkpoint=False,
+        up=False,
+        down=False,
+    ):
         super().__init__()
         self.channels = channels
         self.emb_channels = emb_channels
@@ -145,13 +147,15 @@ class ResBlock(TimestepBlock):
         self.updown = up or down
 
         self.in_layers = nn.Sequential(
-            normalization(channels), SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1),
+            normalization(channels), SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
         )
         self.h_upd, self.x_upd = _resamplers(channels, dims, up, down)
         emb_out = 2 * self.out_channels if use_scale_shift_norm else self.out_channels
         self.emb_layers = nn.Sequential(SiLU(), linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels), SiLU(), nn.Dropout(p=dropout),
+            normalization(self.out_channels),
+            SiLU(),
+            nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
         )
         self.skip_connection = _skip_projection(channels, self.out_channels, use_conv, dims)
@@ -201,8 +205,16 @@ class AttentionBlock(nn.Module):
     attention_impl: this block's kernel (see ATTENTION_IMPLEMENTATIONS); None follows the module default.
     """
 
-    def __init__(self, channels, num_heads=1, num_head_channels=-1, use_checkpoint=False,
-                 use_new_attention_order=False, *, attention_impl=None):
+    def __init__(
+        self,
+        channels,
+        num_heads=1,
+        num_head_channels=-1,
+        use_checkpoint=False,
+        use_new_attention_order=False,
+        *,
+        attention_impl=None,
+    ):
         super().__init__()
         self.channels = channels
         if num_head_channels == -1:
@@ -419,14 +431,27 @@ class UNetSettings:
 
 def _res_block(s, channels, out_channels=None, **resample):
     """A ResBlock on the timestep embedding; resample: up=True or down=True."""
-    return ResBlock(channels, s.time_embed_dim, s.dropout, out_channels=out_channels, dims=s.dims,
-                    use_checkpoint=s.use_checkpoint, use_scale_shift_norm=s.use_scale_shift_norm, **resample)
+    return ResBlock(
+        channels,
+        s.time_embed_dim,
+        s.dropout,
+        out_channels=out_channels,
+        dims=s.dims,
+        use_checkpoint=s.use_checkpoint,
+        use_scale_shift_norm=s.use_scale_shift_norm,
+        **resample,
+    )
 
 
 def _attention_block(s, channels, num_heads):
-    return AttentionBlock(channels, num_heads=num_heads, num_head_channels=s.num_head_channels,
-                          use_checkpoint=s.use_checkpoint, use_new_attention_order=s.use_new_attention_order,
-                          attention_impl=s.attention_impl)
+    return AttentionBlock(
+        channels,
+        num_heads=num_heads,
+        num_head_channels=s.num_head_channels,
+        use_checkpoint=s.use_checkpoint,
+        use_new_attention_order=s.use_new_attention_order,
+        attention_impl=s.attention_impl,
+    )
 
 
 def _downsample(s, channels):
@@ -474,7 +499,7 @@ def _build_input_blocks(s, in_channels):
 
 def _build_middle_block(s, channels):
     return TimestepEmbedSequential(
-        _res_block(s, channels), _attention_block(s, channels, s.num_heads), _res_block(s, channels),
+        _res_block(s, channels), _attention_block(s, channels, s.num_heads), _res_block(s, channels)
     )
 
 
@@ -498,19 +523,26 @@ def _build_output_blocks(s, skip_channels, channels, rate):
 def _build_head(s, channels, rate, feature_size):
     """The classifier's pooling head, (N, C, H, W) or the "spatial" features -> (N, out_channels)."""
     if s.pool == "adaptive":
-        return nn.Sequential(normalization(channels), SiLU(), nn.AdaptiveAvgPool2d((1, 1)),
-                             zero_module(conv_nd(s.dims, channels, s.out_channels, 1)), nn.Flatten())
+        return nn.Sequential(
+            normalization(channels),
+            SiLU(),
+            nn.AdaptiveAvgPool2d((1, 1)),
+            zero_module(conv_nd(s.dims, channels, s.out_channels, 1)),
+            nn.Flatten(),
+        )
     if s.pool == "attention":
         if s.num_head_channels == -1:
             raise ValueError("pool='attention' needs num_head_channels")
-        pool = AttentionPool2d(s.image_size // rate, channels, s.num_head_channels, s.out_channels,
-                               attention_impl=s.attention_impl)
+        pool = AttentionPool2d(
+            s.image_size // rate, channels, s.num_head_channels, s.out_channels, attention_impl=s.attention_impl
+        )
         return nn.Sequential(normalization(channels), SiLU(), pool)
     if s.pool == "spatial":
         return nn.Sequential(nn.Linear(feature_size, 2048), nn.ReLU(), nn.Linear(2048, s.out_channels))
     if s.pool == "spatial_v2":
-        return nn.Sequential(nn.Linear(feature_size, 2048), normalization(2048), SiLU(),
-                             nn.Linear(2048, s.out_channels))
+        return nn.Sequential(
+            nn.Linear(feature_size, 2048), normalization(2048), SiLU(), nn.Linear(2048, s.out_channels)
+        )
     raise NotImplementedError(f"unexpected pool {s.pool!r}: use adaptive, attention, spatial or spatial_v2")
 
 
@@ -521,9 +553,23 @@ class _ADMNetwork(nn.Module):
     """What the UNet and the encoder share: their settings, the timestep MLP, half precision."""
 
     # The attributes the original sets on the model that are settings as given.
-    _RECORDED = ("image_size", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions",
-                 "dropout", "channel_mult", "conv_resample", "use_checkpoint", "use_fp16", "num_heads",
-                 "num_head_channels", "use_scale_shift_norm", "resblock_updown", "use_new_attention_order")
+    _RECORDED = (
+        "image_size",
+        "model_channels",
+        "out_channels",
+        "num_res_blocks",
+        "attention_resolutions",
+        "dropout",
+        "channel_mult",
+        "conv_resample",
+        "use_checkpoint",
+        "use_fp16",
+        "num_heads",
+        "num_head_channels",
+        "use_scale_shift_norm",
+        "resblock_updown",
+        "use_new_attention_order",
+    )
     # Images stacked along channels at the input (SuperResModel: 2, x and the upsampled low-res image).
     _input_images = 1
     # The settings field the constructor does not take.
@@ -590,20 +636,54 @@ class UNetModel(_ADMNetwork):
 
     _not_an_argument = "pool"
 
-    def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
-                 dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, num_classes=None,
-                 use_checkpoint=False, use_fp16=False, num_heads=1, num_head_channels=-1, num_heads_upsample=-1,
-                 use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False, *,
-                 attention_impl=None):
-        super().__init__(UNetSettings(
-            image_size=image_size, in_channels=in_channels, model_channels=model_channels, out_channels=out_channels,
-            num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, dropout=dropout,
-            channel_mult=channel_mult, conv_resample=conv_resample, dims=dims, num_classes=num_classes,
-            use_checkpoint=use_checkpoint, use_fp16=use_fp16, num_heads=num_heads,
-            num_head_channels=num_head_channels, num_heads_upsample=num_heads_upsample,
-            use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order, attention_impl=attention_impl,
-        ))
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        num_classes=None,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+        *,
+        attention_impl=None,
+    ):
+        super().__init__(
+            UNetSettings(
+                image_size=image_size,
+                in_channels=in_channels,
+                model_channels=model_channels,
+                out_channels=out_channels,
+                num_res_blocks=num_res_blocks,
+                attention_resolutions=attention_resolutions,
+                dropout=dropout,
+                channel_mult=channel_mult,
+                conv_resample=conv_resample,
+                dims=dims,
+                num_classes=num_classes,
+                use_checkpoint=use_checkpoint,
+                use_fp16=use_fp16,
+                num_heads=num_heads,
+                num_head_channels=num_head_channels,
+                num_heads_upsample=num_heads_upsample,
+                use_scale_shift_norm=use_scale_shift_norm,
+                resblock_updown=resblock_updown,
+                use_new_attention_order=use_new_attention_order,
+                attention_impl=attention_impl,
+            )
+        )
         s = self.settings
         self.num_classes = s.num_classes
         self.num_heads_upsample = s.upsample_heads
@@ -614,7 +694,7 @@ class UNetModel(_ADMNetwork):
         self.middle_block = _build_middle_block(s, encoder.channels)
         self.output_blocks, ch = _build_output_blocks(s, encoder.skip_channels, encoder.channels, encoder.rate)
         self.out = nn.Sequential(
-            normalization(ch), SiLU(), zero_module(conv_nd(s.dims, ch, s.out_channels, 3, padding=1)),
+            normalization(ch), SiLU(), zero_module(conv_nd(s.dims, ch, s.out_channels, 3, padding=1))
         )
 
     def _body(self):
@@ -671,20 +751,54 @@ class EncoderUNetModel(_ADMNetwork):
 
     _not_an_argument = "num_classes"
 
-    def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks, attention_resolutions,
-                 dropout=0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2, use_checkpoint=False,
-                 use_fp16=False, num_heads=1, num_head_channels=-1, num_heads_upsample=-1,
-                 use_scale_shift_norm=False, resblock_updown=False, use_new_attention_order=False, pool="adaptive",
-                 *, attention_impl=None):
-        super().__init__(UNetSettings(
-            image_size=image_size, in_channels=in_channels, model_channels=model_channels, out_channels=out_channels,
-            num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, dropout=dropout,
-            channel_mult=channel_mult, conv_resample=conv_resample, dims=dims, use_checkpoint=use_checkpoint,
-            use_fp16=use_fp16, num_heads=num_heads, num_head_channels=num_head_channels,
-            num_heads_upsample=num_heads_upsample, use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order, pool=pool,
-            attention_impl=attention_impl,
-        ))
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+        pool="adaptive",
+        *,
+        attention_impl=None,
+    ):
+        super().__init__(
+            UNetSettings(
+                image_size=image_size,
+                in_channels=in_channels,
+                model_channels=model_channels,
+                out_channels=out_channels,
+                num_res_blocks=num_res_blocks,
+                attention_resolutions=attention_resolutions,
+                dropout=dropout,
+                channel_mult=channel_mult,
+                conv_resample=conv_resample,
+                dims=dims,
+                use_checkpoint=use_checkpoint,
+                use_fp16=use_fp16,
+                num_heads=num_heads,
+                num_head_channels=num_head_channels,
+                num_heads_upsample=num_heads_upsample,
+                use_scale_shift_norm=use_scale_shift_norm,
+                resblock_updown=resblock_updown,
+                use_new_attention_order=use_new_attention_order,
+                pool=pool,
+                attention_impl=attention_impl,
+            )
+        )
         s = self.settings
         self.num_heads_upsample = s.num_heads_upsample  # unused here; the original records it as given
         self.pool = s.pool

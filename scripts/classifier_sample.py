@@ -19,8 +19,11 @@ from guided_diffusion.script_util import classifier_defaults, model_and_diffusio
 
 
 def parse_args(argv=None):
-    return resolve_sampler(parse_flags(__doc__, SAMPLE_FLAGS, GUIDANCE_FLAGS, model_and_diffusion_defaults(),
-                                       classifier_defaults(), argv=argv))
+    return resolve_sampler(
+        parse_flags(
+            __doc__, SAMPLE_FLAGS, GUIDANCE_FLAGS, model_and_diffusion_defaults(), classifier_defaults(), argv=argv
+        )
+    )
 
 
 def main(argv=None):
@@ -35,11 +38,17 @@ def main(argv=None):
 
     logger.log(f"sampling with classifier scale {args.classifier_scale} ({sampler_description(args)})...")
     images, labels = generate(
-        diffusion, model_fn_from_flags(model, args), num_samples=args.num_samples,
-        batch_size=args.batch_size, image_shape=(3, args.image_size, args.image_size), kwargs_for=kwargs_for,
+        diffusion,
+        model_fn_from_flags(model, args),
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        image_shape=(3, args.image_size, args.image_size),
+        kwargs_for=kwargs_for,
         # A zero scale adds nothing: skip the classifier's forward and backward passes altogether.
         cond_fn=classifier_cond_fn(classifier, args.classifier_scale) if args.classifier_scale else None,
-        sample_fn=sample_loop_from_flags(diffusion, args), clip_denoised=args.clip_denoised, seed=args.seed,
+        sample_fn=sample_loop_from_flags(diffusion, args),
+        clip_denoised=args.clip_denoised,
+        seed=args.seed,
     )
     return finish_sampling(images, labels, class_names_beside(args.classifier_path, args.model_path))
 

@@ -25,15 +25,28 @@ def main(argv=None):
     compile_if_asked(model.to(dist_util.dev()), args)
     logger.log("creating data loader...")
     data_dir = labeled_data_dir(args.data_dir, args.image_size, args.num_classes, label_source=args.label_source)
-    data = load_data(data_dir=data_dir, batch_size=args.batch_size, image_size=args.image_size, class_cond=True,
-                     random_crop=True, label_source=args.label_source)
+    data = load_data(
+        data_dir=data_dir,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        class_cond=True,
+        random_crop=True,
+        label_source=args.label_source,
+    )
     val_data = None
     if args.val_data_dir or not args.data_dir:  # the toy dataset brings its own held-out set
-        val_dir = labeled_data_dir(args.val_data_dir, args.image_size, args.num_classes, validation=True,
-                                   label_source=args.label_source)
-        val_data = load_data(data_dir=val_dir, batch_size=args.batch_size, image_size=args.image_size,
-                             class_cond=True, label_source=args.label_source)
+        val_dir = labeled_data_dir(
+            args.val_data_dir, args.image_size, args.num_classes, validation=True, label_source=args.label_source
+        )
+        val_data = load_data(
+            data_dir=val_dir,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            class_cond=True,
+            label_source=args.label_source,
+        )
     train_classifier_from_flags(args, model, diffusion, data, val_data)
+
 
 if __name__ == "__main__":
     run(main)

@@ -24,8 +24,11 @@ def main(argv=None):
         except UserError as exc:  # this file cannot be read: describe the others
             print(f"{parser.prog}: error: {exc}", file=sys.stderr)
             failed = True
-    print(json.dumps(descriptions, indent=2) if args.json else
-          "\n\n".join("\n".join(format_description(d)) for d in descriptions))
+    print(
+        json.dumps(descriptions, indent=2)
+        if args.json
+        else "\n\n".join("\n".join(format_description(d)) for d in descriptions)
+    )
     if failed:
         sys.exit(1)
 

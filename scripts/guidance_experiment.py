@@ -67,15 +67,32 @@ MODES = ("classifier", "cfg")
 
 
 # Tiny sizes that exercise every stage in seconds (the tests run this).
-QUICK = dict(num_channels=32, num_res_blocks=1, diffusion_steps=100, sample_steps="5", train_steps=3, train_batch=8,
-             classifier_steps=3, classifier_batch=8, judge_steps=3, samples_per_class=2, scales=(0.0, 10.0))
+QUICK = dict(
+    num_channels=32,
+    num_res_blocks=1,
+    diffusion_steps=100,
+    sample_steps="5",
+    train_steps=3,
+    train_batch=8,
+    classifier_steps=3,
+    classifier_batch=8,
+    judge_steps=3,
+    samples_per_class=2,
+    scales=(0.0, 10.0),
+)
 
 
 def model_flags(cfg):
     """The diffusion model's flags: class-unconditional, or (cfg mode) class-conditional with label dropout."""
-    flags = dict(image_size=cfg.image_size, num_channels=cfg.num_channels, num_res_blocks=cfg.num_res_blocks,
-                 attention_resolutions="8", learn_sigma=True, noise_schedule="cosine",
-                 diffusion_steps=cfg.diffusion_steps)
+    flags = dict(
+        image_size=cfg.image_size,
+        num_channels=cfg.num_channels,
+        num_res_blocks=cfg.num_res_blocks,
+        attention_resolutions="8",
+        learn_sigma=True,
+        noise_schedule="cosine",
+        diffusion_steps=cfg.diffusion_steps,
+    )
     if cfg.mode == "cfg":
         flags.update(class_cond=True, num_classes=len(TOY_CLASSES), p_uncond=cfg.p_uncond)
     return flags
@@ -91,8 +108,13 @@ def scale_name(cfg, scale):
 
 
 def classifier_flags(cfg):
-    return dict(image_size=cfg.image_size, classifier_width=64, classifier_depth=1,
-                classifier_attention_resolutions="8,4", num_classes=len(TOY_CLASSES))
+    return dict(
+        image_size=cfg.image_size,
+        classifier_width=64,
+        classifier_depth=1,
+        classifier_attention_resolutions="8,4",
+        num_classes=len(TOY_CLASSES),
+    )
 
 
 def cli_args(*flag_dicts, **more):
@@ -130,20 +152,52 @@ def restore_logger(previous):
 
 def training_steps(cfg):
     """(title, script main, folder name, steps, flags) of each training the mode needs."""
-    kind = (f"class-conditional, labels dropped with p = {cfg.p_uncond:g}" if cfg.mode == "cfg"
-            else "class-unconditional")
-    diffusion = (f"diffusion model ({kind})", image_train.main, "diffusion", cfg.train_steps, cli_args(
-        model_flags(cfg), batch_size=cfg.train_batch, lr=cfg.lr, lr_anneal_steps=cfg.train_steps,
-        save_interval=cfg.train_steps, log_interval=50, seed=cfg.seed))
-    classifier = ("noisy classifier (for guidance)", classifier_train.main, "classifier", cfg.classifier_steps,
-                  cli_args(classifier_flags(cfg), noise_schedule="cosine", diffusion_steps=cfg.diffusion_steps,
-                           iterations=cfg.classifier_steps, batch_size=cfg.classifier_batch, lr=3e-4, anneal_lr=True,
-                           save_interval=cfg.classifier_steps, log_interval=50, eval_interval=50, seed=cfg.seed))
-    judge = ("judge classifier (clean images)", classifier_train.main, "judge", cfg.judge_steps, cli_args(
-        classifier_flags(cfg), noised=False, iterations=cfg.judge_steps, batch_size=cfg.classifier_batch,
-        lr=3e-4, anneal_lr=True, save_interval=cfg.judge_steps, log_interval=50, eval_interval=50,
-        seed=cfg.seed + 1))
-    return [diffusion, judge] if cfg.mode == "cfg" else [diffusion, classifier, judge]
+    if cfg.mode == "cfg":
+        return [diffusion_training(cfg), judge_training(cfg)]
+    return [diffusion_training(cfg), classifier_training(cfg), judge_training(cfg)]
+
+
+def diffusion_training(cfg):
+    kind = (
+        f"class-conditional, labels dropped with p = {cfg.p_uncond:g}" if cfg.mode == "cfg" else "class-unconditional"
+    )
+    args = cli_args(
+        model_flags(cfg),
+        batch_size=cfg.train_batch,
+        lr=cfg.lr,
+        lr_anneal_steps=cfg.train_steps,
+        save_interval=cfg.train_steps,
+        log_interval=50,
+        seed=cfg.seed,
+    )
+    return (f"diffusion model ({kind})", image_train.main, "diffusion", cfg.train_steps, args)
+
+
+def classifier_training(cfg):
+    steps = cfg.classifier_steps
+    args = classifier_args(cfg, steps, cfg.seed, noise_schedule="cosine", diffusion_steps=cfg.diffusion_steps)
+    return ("noisy classifier (for guidance)", classifier_train.main, "classifier", steps, args)
+
+
+def judge_training(cfg):
+    args = classifier_args(cfg, cfg.judge_steps, cfg.seed + 1, noised=False)
+    return ("judge classifier (clean images)", classifier_train.main, "judge", cfg.judge_steps, args)
+
+
+def classifier_args(cfg, steps, seed, **extra):
+    """classifier_train's flags for `steps` steps; `extra` come right after the classifier's shape."""
+    return cli_args(
+        classifier_flags(cfg),
+        **extra,
+        iterations=steps,
+        batch_size=cfg.classifier_batch,
+        lr=3e-4,
+        anneal_lr=True,
+        save_interval=steps,
+        log_interval=50,
+        eval_interval=50,
+        seed=seed,
+    )
 
 
 def train_all(cfg, out_dir, say):
@@ -170,13 +224,20 @@ def sampler_flags(cfg):
 def sample_at(cfg, paths, scale, log_dir):
     """Guided samples at one scale with image_sample (cfg mode) or classifier_sample; returns the npz path."""
     num = cfg.samples_per_class * len(TOY_CLASSES)
-    common = dict(model_path=paths["diffusion"], num_samples=num, batch_size=num, balanced_classes=True,
-                  seed=cfg.seed, **sampler_flags(cfg))
+    common = dict(
+        model_path=paths["diffusion"],
+        num_samples=num,
+        batch_size=num,
+        balanced_classes=True,
+        seed=cfg.seed,
+        **sampler_flags(cfg),
+    )
     title = f"sampling at {scale_name(cfg, scale)}"
     if cfg.mode == "cfg":
         return run_step(title, image_sample.main, cli_args(model_flags(cfg), cfg_scale=scale, **common), log_dir)
-    args = cli_args(model_flags(cfg), classifier_flags(cfg), classifier_path=paths["classifier"],
-                    classifier_scale=scale, **common)
+    args = cli_args(
+        model_flags(cfg), classifier_flags(cfg), classifier_path=paths["classifier"], classifier_scale=scale, **common
+    )
     return run_step(title, classifier_sample.main, args, log_dir)
 
 
@@ -188,8 +249,9 @@ def sample_all(cfg, paths, out_dir, say):
         log_dir = os.path.join(out_dir, f"samples_{scale_name(cfg, scale).replace(' ', '')}")
         with np.load(sample_at(cfg, paths, scale, log_dir)) as f:
             results[scale] = (f["arr_0"], f["arr_1"])
-        guidance = f"classifier-free guidance {scale_name(cfg, scale)}" if cfg.mode == "cfg" else \
-            f"classifier scale {scale:g}"
+        guidance = (
+            f"classifier-free guidance {scale_name(cfg, scale)}" if cfg.mode == "cfg" else f"classifier scale {scale:g}"
+        )
         say(f"sampled {len(results[scale][0])} images at {guidance} with {cfg.sampler} in {time.time() - start:.0f} s")
     return results
 
@@ -238,12 +300,17 @@ def held_out_real(cfg):
     (images, labels) of the reference set: all the others).
     """
     count = HELD_OUT_PER_CLASS * len(TOY_CLASSES)
-    data = load_data(data_dir=ensure_toy_dataset(image_size=cfg.image_size, num_per_class=HELD_OUT_PER_CLASS, seed=1),
-                     batch_size=count, image_size=cfg.image_size, class_cond=True, deterministic=True,
-                     random_flip=False)
+    data = load_data(
+        data_dir=ensure_toy_dataset(image_size=cfg.image_size, num_per_class=HELD_OUT_PER_CLASS, seed=1),
+        batch_size=count,
+        image_size=cfg.image_size,
+        class_cond=True,
+        deterministic=True,
+        random_flip=False,
+    )
     batch, cond = next(data)
     images, labels = to_uint8_nhwc(batch).numpy(), cond["y"].numpy()
-    row = np.concatenate([np.flatnonzero(labels == c)[:cfg.samples_per_class] for c in range(len(TOY_CLASSES))])
+    row = np.concatenate([np.flatnonzero(labels == c)[: cfg.samples_per_class] for c in range(len(TOY_CLASSES))])
     rest = np.setdiff1d(np.arange(count), row)
     return (images[row], labels[row]), (images[rest], labels[rest])
 
@@ -262,8 +329,14 @@ def table_row(name, judge, images, labels, ref_features, ref_stats):
         warnings.simplefilter("ignore")
         fid = float(compute_statistics(features).frechet_distance(ref_stats))
     precision, recall = precision_recall(ref_features, features, half=False)
-    return dict(samples=name, accuracy=float((predictions == labels).mean()), diversity=diversity(images, labels),
-                fid=fid, precision=precision, recall=recall)
+    return dict(
+        samples=name,
+        accuracy=float((predictions == labels).mean()),
+        diversity=diversity(images, labels),
+        fid=fid,
+        precision=precision,
+        recall=recall,
+    )
 
 
 def evaluate(cfg, paths, results, out_dir):
@@ -279,15 +352,21 @@ def evaluate(cfg, paths, results, out_dir):
         rows.append(table_row(scale_name(cfg, scale), judge, images, labels, ref_features, ref_stats))
         grid = class_rows_grid(images, labels, min(cfg.samples_per_class, 8))
         Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
-            os.path.join(out_dir, f"grid_{scale_name(cfg, scale).replace(' ', '')}.png"))
+            os.path.join(out_dir, f"grid_{scale_name(cfg, scale).replace(' ', '')}.png")
+        )
     return rows
 
 
 def format_table(rows):
-    lines = [f"{'samples':<18} {'judged as target class':>23} {'diversity (RMS)':>16} {'FID':>7} {'precision':>10} "
-             f"{'recall':>7}"]
-    lines += [f"{r['samples']:<18} {r['accuracy']:>22.1%} {r['diversity']:>16.3f} {r['fid']:>7.2f} "
-              f"{r['precision']:>10.2f} {r['recall']:>7.2f}" for r in rows]
+    lines = [
+        f"{'samples':<18} {'judged as target class':>23} {'diversity (RMS)':>16} {'FID':>7} {'precision':>10} "
+        f"{'recall':>7}"
+    ]
+    lines += [
+        f"{r['samples']:<18} {r['accuracy']:>22.1%} {r['diversity']:>16.3f} {r['fid']:>7.2f} "
+        f"{r['precision']:>10.2f} {r['recall']:>7.2f}"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -296,8 +375,10 @@ def run_experiment(cfg, out_dir, say=print):
     os.makedirs(out_dir, exist_ok=True)
     start = time.time()
     guidance = "classifier-free guidance" if cfg.mode == "cfg" else "classifier guidance"
-    say(f"main job: {guidance} on the toy shapes ({', '.join(TOY_CLASSES)}) at "
-        f"{cfg.image_size}x{cfg.image_size}; outputs in {out_dir}")
+    say(
+        f"main job: {guidance} on the toy shapes ({', '.join(TOY_CLASSES)}) at "
+        f"{cfg.image_size}x{cfg.image_size}; outputs in {out_dir}"
+    )
     paths = train_all(cfg, out_dir, say)
     results = sample_all(cfg, paths, out_dir, say)
     with logger.scoped_configure(dir=out_dir, format_strs=["log"]):
@@ -307,8 +388,10 @@ def run_experiment(cfg, out_dir, say=print):
     results_json = {"config": asdict(cfg), "rows": rows, "seconds": time.time() - start}
     save_text(os.path.join(out_dir, "results.json"), json.dumps(results_json, indent=1))
     say(table)
-    say(f"done in {time.time() - start:.0f} s; grids (rows = target classes "
-        f"{', '.join(TOY_CLASSES)}): {out_dir}/grid_{scale_prefix(cfg)}*.png")
+    say(
+        f"done in {time.time() - start:.0f} s; grids (rows = target classes "
+        f"{', '.join(TOY_CLASSES)}): {out_dir}/grid_{scale_prefix(cfg)}*.png"
+    )
     return rows
 
 

@@ -17,12 +17,18 @@ def main(argv=None):
     args = parse_args(argv)
     start_run(args, seed=args.seed)
     model, diffusion = load_model("diffusion", args, args.model_path)
-    data = load_data(data_dir=training_data_dir(args.data_dir, args.image_size), batch_size=args.batch_size,
-                     image_size=args.image_size, class_cond=args.class_cond, deterministic=True,
-                     label_source=args.label_source)
+    data = load_data(
+        data_dir=training_data_dir(args.data_dir, args.image_size),
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        deterministic=True,
+        label_source=args.label_source,
+    )
     logger.log("evaluating...")
-    means, bpd, prior = run_bpd_evaluation(class_conditional_model(model, args.class_cond), diffusion, data,
-                                           args.num_samples, args.clip_denoised)
+    means, bpd, prior = run_bpd_evaluation(
+        class_conditional_model(model, args.class_cond), diffusion, data, args.num_samples, args.clip_denoised
+    )
     save_bpd_terms(means, logger.get_dir())
     logger.log(f"evaluation complete: {bpd:.4f} bits/dim (prior {prior:.4f}), terms in {logger.get_dir()}")
 

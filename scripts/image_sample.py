@@ -29,14 +29,19 @@ def main(argv=None):
     def kwargs_for(indices):
         if not args.class_cond:
             return {}
-        return {"y": draw_labels(indices, args.seed, args.num_classes, dist_util.dev(),
-                                 balanced=args.balanced_classes)}
+        return {"y": draw_labels(indices, args.seed, args.num_classes, dist_util.dev(), balanced=args.balanced_classes)}
 
     logger.log(f"sampling ({sampler_description(args)})...")
     images, labels = generate(
-        diffusion, model_fn_from_flags(model, args), num_samples=args.num_samples,
-        batch_size=args.batch_size, image_shape=(3, args.image_size, args.image_size), kwargs_for=kwargs_for,
-        sample_fn=sample_loop_from_flags(diffusion, args), clip_denoised=args.clip_denoised, seed=args.seed,
+        diffusion,
+        model_fn_from_flags(model, args),
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        image_shape=(3, args.image_size, args.image_size),
+        kwargs_for=kwargs_for,
+        sample_fn=sample_loop_from_flags(diffusion, args),
+        clip_denoised=args.clip_denoised,
+        seed=args.seed,
     )
     return finish_sampling(images, labels if args.class_cond else None, class_names_beside(args.model_path))
 

@@ -18,8 +18,9 @@ from guided_diffusion.super_res import BaseSamples
 
 
 def parse_args(argv=None):
-    return resolve_sampler(parse_flags(__doc__, SAMPLE_FLAGS, SUPER_RES_SAMPLE_FLAGS, sr_model_and_diffusion_defaults(),
-                                       argv=argv))
+    return resolve_sampler(
+        parse_flags(__doc__, SAMPLE_FLAGS, SUPER_RES_SAMPLE_FLAGS, sr_model_and_diffusion_defaults(), argv=argv)
+    )
 
 
 def main(argv=None):
@@ -30,10 +31,15 @@ def main(argv=None):
     device = dist_util.dev()
     logger.log(f"upsampling {args.num_samples} samples from {args.base_samples} ({sampler_description(args)})...")
     images, labels = generate(
-        diffusion, model_fn_from_flags(model, args), num_samples=args.num_samples,
-        batch_size=args.batch_size, image_shape=(3, args.large_size, args.large_size),
+        diffusion,
+        model_fn_from_flags(model, args),
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        image_shape=(3, args.large_size, args.large_size),
         kwargs_for=lambda indices: base.model_kwargs(indices, device),
-        sample_fn=sample_loop_from_flags(diffusion, args), clip_denoised=args.clip_denoised, seed=args.seed,
+        sample_fn=sample_loop_from_flags(diffusion, args),
+        clip_denoised=args.clip_denoised,
+        seed=args.seed,
     )
     return finish_sampling(images, labels if args.class_cond else None, class_names_beside(args.model_path))
 

@@ -24,10 +24,19 @@ def main(argv=None):
     model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
     compile_if_asked(model.to(dist_util.dev()), args)
     logger.log("creating data loader...")
-    data_dir = (labeled_data_dir(args.data_dir, args.large_size, args.num_classes, label_source=args.label_source)
-                if args.class_cond else training_data_dir(args.data_dir, args.large_size))
-    data = load_superres_data(data_dir, args.batch_size, large_size=args.large_size, small_size=args.small_size,
-                              class_cond=args.class_cond, label_source=args.label_source)
+    data_dir = (
+        labeled_data_dir(args.data_dir, args.large_size, args.num_classes, label_source=args.label_source)
+        if args.class_cond
+        else training_data_dir(args.data_dir, args.large_size)
+    )
+    data = load_superres_data(
+        data_dir,
+        args.batch_size,
+        large_size=args.large_size,
+        small_size=args.small_size,
+        class_cond=args.class_cond,
+        label_source=args.label_source,
+    )
     train_diffusion_from_flags(args, model, diffusion, data)
 
 

@@ -44,8 +44,9 @@ def test_p_zero_keeps_the_original_layout_and_p_above_zero_adds_one_null_class()
         original_args = [k for k in inspect.signature(su.create_model).parameters if k != "p_uncond"]
         reference = su.create_model(**{k: flags[k] for k in original_args})
         nulled = su.create_from_flags("diffusion", {**flags, "p_uncond": 0.1})[0]
-    assert [(k, v.shape) for k, v in plain.state_dict().items()] == \
-           [(k, v.shape) for k, v in reference.state_dict().items()]
+    assert [(k, v.shape) for k, v in plain.state_dict().items()] == [
+        (k, v.shape) for k, v in reference.state_dict().items()
+    ]
     assert plain.label_emb.num_embeddings == 3 and nulled.label_emb.num_embeddings == 4
     assert has_null_class(nulled, 3) and not has_null_class(plain, 3)
     with pytest.raises(ValueError, match="--class_cond True"):
@@ -57,8 +58,14 @@ def test_a_null_class_checkpoint_is_recognised_by_its_layout():
     state = su.create_from_flags("diffusion", {**flags, "p_uncond": 0.2})[0].state_dict()
     model = su.create_from_flags("diffusion", flags)[0]
     with pytest.raises(CheckpointMismatchError, match="--p_uncond 0.1"):
-        load_model_state(model, state, source="cfg.pt", flags=flags,
-                         build=lambda **f: su.create_from_flags("diffusion", f)[0], suggest=suggest_flags)
+        load_model_state(
+            model,
+            state,
+            source="cfg.pt",
+            flags=flags,
+            build=lambda **f: su.create_from_flags("diffusion", f)[0],
+            suggest=suggest_flags,
+        )
     load_model_state(su.create_from_flags("diffusion", {**flags, "p_uncond": 0.5})[0], state, source="cfg.pt")
 
 
@@ -84,11 +91,20 @@ def test_guided_eps_is_the_formula_and_keeps_the_conditional_variance():
 
 
 def _sample(model_fn, seed=3):
-    diffusion = su.create_gaussian_diffusion(steps=50, learn_sigma=True, noise_schedule="cosine",
-                                             timestep_respacing="6")
+    diffusion = su.create_gaussian_diffusion(
+        steps=50, learn_sigma=True, noise_schedule="cosine", timestep_respacing="6"
+    )
     kwargs_for = lambda indices: {"y": th.tensor([i % 3 for i in indices])}
-    return generate(diffusion, model_fn, num_samples=4, batch_size=4, image_shape=(3, 2, 2), kwargs_for=kwargs_for,
-                    seed=seed, progress=False)[0]
+    return generate(
+        diffusion,
+        model_fn,
+        num_samples=4,
+        batch_size=4,
+        image_shape=(3, 2, 2),
+        kwargs_for=kwargs_for,
+        seed=seed,
+        progress=False,
+    )[0]
 
 
 def test_scale_zero_is_plain_conditional_sampling():
@@ -129,36 +145,65 @@ def test_classifier_free_and_classifier_guidance_together(cfg_model, tmp_path):
     from test_sample_scripts import CLASSIFIER
 
     clf = save_random_model("classifier", CLASSIFIER, tmp_path / "clf.pt")
-    run("classifier_sample.py", args({**COND, **CLASSIFIER}, model_path=cfg_model, p_uncond=0.2, cfg_scale=2.0,
-                                     classifier_path=clf, classifier_scale=1.0, num_samples=2, batch_size=2,
-                                     timestep_respacing=3, seed=1), tmp_path)
+    run(
+        "classifier_sample.py",
+        args(
+            {**COND, **CLASSIFIER},
+            model_path=cfg_model,
+            p_uncond=0.2,
+            cfg_scale=2.0,
+            classifier_path=clf,
+            classifier_scale=1.0,
+            num_samples=2,
+            batch_size=2,
+            timestep_respacing=3,
+            seed=1,
+        ),
+        tmp_path,
+    )
     assert load_npz(tmp_path, 2)["arr_0"].shape == (2, 16, 16, 3)
 
 
 def test_sampling_a_plain_model_with_cfg_fails_clearly(tmp_path):
     plain = save_random_model("diffusion", COND, tmp_path / "plain.pt")
-    result = run("image_sample.py", args(COND, model_path=plain, cfg_scale=2.0, num_samples=1, timestep_respacing=2),
-                 tmp_path / "out", check=False)
+    result = run(
+        "image_sample.py",
+        args(COND, model_path=plain, cfg_scale=2.0, num_samples=1, timestep_respacing=2),
+        tmp_path / "out",
+        check=False,
+    )
     assert result.returncode != 0 and "--p_uncond 0.1" in result.stderr
 
 
 def test_training_with_label_dropout_saves_and_loads(tmp_path):
     flags = dict(COND, num_classes=4, p_uncond=0.3)
-    result = run("image_train.py", args(flags, batch_size=4, lr_anneal_steps=2, save_interval=2, seed=0),
-                 tmp_path / "train")
+    result = run(
+        "image_train.py", args(flags, batch_size=4, lr_anneal_steps=2, save_interval=2, seed=0), tmp_path / "train"
+    )
     assert "label dropout for classifier-free guidance: p_uncond 0.3, null class 4" in result.stdout
     state = th.load(tmp_path / "train" / "model000002.pt", weights_only=True)
     assert state["label_emb.weight"].shape[0] == 5
-    run("image_sample.py", args(flags, model_path=tmp_path / "train" / "model000002.pt", cfg_scale=1.0,
-                                num_samples=2, batch_size=2, timestep_respacing=2), tmp_path / "sample")
+    run(
+        "image_sample.py",
+        args(
+            flags,
+            model_path=tmp_path / "train" / "model000002.pt",
+            cfg_scale=1.0,
+            num_samples=2,
+            batch_size=2,
+            timestep_respacing=2,
+        ),
+        tmp_path / "sample",
+    )
 
 
 def test_mpiexec_sampling_with_cfg(cfg_model, tmp_path):
     pytest.importorskip("mpi4py", reason="the mpi extra (mpi4py, mpich) is not installed")
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     mpiexec = beside if os.path.exists(beside) else "mpiexec"
-    common = dict(model_path=cfg_model, p_uncond=0.2, cfg_scale=2.0, num_samples=3, batch_size=1,
-                  timestep_respacing=3, seed=5)
+    common = dict(
+        model_path=cfg_model, p_uncond=0.2, cfg_scale=2.0, num_samples=3, batch_size=1, timestep_respacing=3, seed=5
+    )
     run("image_sample.py", args(COND, **common), tmp_path / "two", launcher=(mpiexec, "-n", "2"))
     run("image_sample.py", args(COND, **common), tmp_path / "one")
     assert np.array_equal(load_npz(tmp_path / "two", 3)["arr_0"], load_npz(tmp_path / "one", 3)["arr_0"])

@@ -52,28 +52,31 @@ def mismatch_message(kind, flags, changed):
     build = lambda **f: factory(**f)[0]
     checkpoint = build(**{**args, **changed}).state_dict()
     with pytest.raises(CheckpointMismatchError) as info:
-        load_model_state(build(**args), checkpoint, source="ckpt.pt", flags=args, build=build,
-                         suggest=suggest_flags)
+        load_model_state(build(**args), checkpoint, source="ckpt.pt", flags=args, build=build, suggest=suggest_flags)
     return str(info.value)
 
 
-@pytest.mark.parametrize("kind, flags, changed", [
-    ("diffusion", TINY_MODEL, {"class_cond": True}),
-    ("diffusion", {**TINY_MODEL, "class_cond": True}, {"class_cond": False}),
-    ("diffusion", TINY_MODEL, {"learn_sigma": True}),
-    ("diffusion", TINY_MODEL, {"num_channels": 64}),
-    ("diffusion", TINY_MODEL, {"num_res_blocks": 2}),
-    ("diffusion", TINY_MODEL, {"resblock_updown": True}),
-    ("diffusion", TINY_MODEL, {"attention_resolutions": "16,8"}),
-    ("classifier", TINY_CLASSIFIER, {"classifier_depth": 3}),
-    ("classifier", TINY_CLASSIFIER, {"classifier_width": 128}),
-    ("classifier", TINY_CLASSIFIER, {"image_size": 64}),
-    ("classifier", TINY_CLASSIFIER, {"num_classes": 4}),
-    ("diffusion", {**TINY_MODEL, "class_cond": True}, {"num_classes": 10}),
-], ids=lambda v: str(v) if isinstance(v, dict) and len(v) == 1 else None)
+@pytest.mark.parametrize(
+    "kind, flags, changed",
+    [
+        ("diffusion", TINY_MODEL, {"class_cond": True}),
+        ("diffusion", {**TINY_MODEL, "class_cond": True}, {"class_cond": False}),
+        ("diffusion", TINY_MODEL, {"learn_sigma": True}),
+        ("diffusion", TINY_MODEL, {"num_channels": 64}),
+        ("diffusion", TINY_MODEL, {"num_res_blocks": 2}),
+        ("diffusion", TINY_MODEL, {"resblock_updown": True}),
+        ("diffusion", TINY_MODEL, {"attention_resolutions": "16,8"}),
+        ("classifier", TINY_CLASSIFIER, {"classifier_depth": 3}),
+        ("classifier", TINY_CLASSIFIER, {"classifier_width": 128}),
+        ("classifier", TINY_CLASSIFIER, {"image_size": 64}),
+        ("classifier", TINY_CLASSIFIER, {"num_classes": 4}),
+        ("diffusion", {**TINY_MODEL, "class_cond": True}, {"num_classes": 10}),
+    ],
+    ids=lambda v: str(v) if isinstance(v, dict) and len(v) == 1 else None,
+)
 def test_mismatch_names_the_differing_flag(kind, flags, changed):
     message = mismatch_message(kind, flags, changed)
-    (name, value), = changed.items()
+    ((name, value),) = changed.items()
     assert f"--{name} {value}" in message
     assert "ckpt.pt" in message and "Fix:" in message
 
@@ -90,8 +93,9 @@ def test_mismatch_asks_the_given_suggestion_function():
     seen = []
     suggest = lambda found, flags, build: seen.append(found) or {"answer": 42}
     with pytest.raises(CheckpointMismatchError, match="--answer 42"):
-        load_model_state(build(**args), build(**{**args, "learn_sigma": True}).state_dict(), flags=args,
-                         build=build, suggest=suggest)
+        load_model_state(
+            build(**args), build(**{**args, "learn_sigma": True}).state_dict(), flags=args, build=build, suggest=suggest
+        )
     assert seen and seen[0]["out.2.weight"][0] == 6
 
 

@@ -21,8 +21,14 @@ from guided_diffusion.errors import UsageError
 from guided_diffusion.flags import FlagParser, given_flags, parse_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(image_size=16, num_channels=32, num_res_blocks=1, attention_resolutions="8", diffusion_steps=20,
-            noise_schedule="cosine")
+TINY = dict(
+    image_size=16,
+    num_channels=32,
+    num_res_blocks=1,
+    attention_resolutions="8",
+    diffusion_steps=20,
+    noise_schedule="cosine",
+)
 
 
 def flag_args(flags):
@@ -30,8 +36,13 @@ def flag_args(flags):
 
 
 def run_script(script, argv, tmp_path, launcher=(), extra_env=None, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GUIDED_DIFFUSION_DATA": str(tmp_path / "data_cache"),
-           "COLUMNS": "3000", **(extra_env or {})}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GUIDED_DIFFUSION_DATA": str(tmp_path / "data_cache"),
+        "COLUMNS": "3000",
+        **(extra_env or {}),
+    }
     cmd = list(launcher) + [sys.executable, os.path.join(ROOT, script)] + list(argv)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
 
@@ -64,21 +75,28 @@ def test_bad_flag_value_is_a_usage_error(tmp_path):
     assert result.stderr.startswith("usage: image_sample.py")
 
 
-@pytest.mark.parametrize("argv, named", [
-    (["--batch_size", "0"], "--batch_size"),
-    (["--lr", "-1"], "--lr"),
-    (["--ema_rate", "0.9,abc"], "--ema_rate"),
-    (["--dropout", "1.0"], "--dropout"),
-    (["--num_channels", "0"], "--num_channels"),
-])
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--batch_size", "0"], "--batch_size"),
+        (["--lr", "-1"], "--lr"),
+        (["--ema_rate", "0.9,abc"], "--ema_rate"),
+        (["--dropout", "1.0"], "--dropout"),
+        (["--num_channels", "0"], "--num_channels"),
+    ],
+)
 def test_impossible_flag_values_are_usage_errors(argv, named):
     with pytest.raises(UsageError, match=named):
         parse_flags("test", su.model_and_diffusion_defaults(), fl.TRAIN_FLAGS, argv=argv)
 
 
 def test_possible_flag_values_pass_their_checks():
-    args = parse_flags("test", su.model_and_diffusion_defaults(), fl.TRAIN_FLAGS,
-                       argv=["--lr", "0", "--ema_rate", "0.999,0.9999", "--dropout", "0.1", "--batch_size", "1"])
+    args = parse_flags(
+        "test",
+        su.model_and_diffusion_defaults(),
+        fl.TRAIN_FLAGS,
+        argv=["--lr", "0", "--ema_rate", "0.999,0.9999", "--dropout", "0.1", "--batch_size", "1"],
+    )
     assert args.lr == 0 and args.ema_rate == "0.999,0.9999" and args.dropout == 0.1 and args.batch_size == 1
 
 
@@ -141,21 +159,23 @@ def test_impossible_respacing_and_unknown_names(tmp_path, tiny_checkpoint):
 
 def test_bad_base_samples(tmp_path):
     np.savez(tmp_path / "low.npz", np.zeros((2, 5, 5, 3), np.uint8))
-    result = run_script("scripts/super_res_sample.py", ["--base_samples", str(tmp_path / "low.npz"),
-                                                        "--model_path", "unused.pt"], tmp_path)
+    result = run_script(
+        "scripts/super_res_sample.py",
+        ["--base_samples", str(tmp_path / "low.npz"), "--model_path", "unused.pt"],
+        tmp_path,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
 
 
 def test_traceback_on_request(tmp_path):
-    result = run_script("scripts/image_train.py", ["--data_dir", str(tmp_path / "nowhere")], tmp_path,
-                        extra_env={TRACEBACK_VAR: "1"})
+    result = run_script(
+        "scripts/image_train.py", ["--data_dir", str(tmp_path / "nowhere")], tmp_path, extra_env={TRACEBACK_VAR: "1"}
+    )
     assert result.returncode != 0 and "Traceback" in result.stderr and "nowhere" in result.stderr
 
 
 def test_a_bug_keeps_its_traceback(tmp_path):
-    code = ("from guided_diffusion.cli import run\n"
-            "def main():\n    raise KeyError('a bug')\n"
-            "run(main)\n")
+    code = "from guided_diffusion.cli import run\ndef main():\n    raise KeyError('a bug')\nrun(main)\n"
     script = tmp_path / "buggy.py"
     script.write_text(code)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
@@ -193,8 +213,7 @@ def test_errors_under_torchrun_print_once_and_end_every_rank(tmp_path):
     script, argv, name = DISTRIBUTED_CASES["checkpoint"]
     start = time.monotonic()
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python")
-    result = run_script(script, argv + ["--log_dir", str(tmp_path / "log")], tmp_path, launcher=launcher,
-                        timeout=120)
+    result = run_script(script, argv + ["--log_dir", str(tmp_path / "log")], tmp_path, launcher=launcher, timeout=120)
     assert_reported_once(result, start, name)
 
 
@@ -202,8 +221,9 @@ def test_errors_under_torchrun_print_once_and_end_every_rank(tmp_path):
 
 
 def test_parse_flags_records_the_given_flags():
-    args = parse_flags("test", fl.SAMPLE_FLAGS, su.model_and_diffusion_defaults(),
-                       argv=["--num_channels", "64", "--model_p", "m.pt"])
+    args = parse_flags(
+        "test", fl.SAMPLE_FLAGS, su.model_and_diffusion_defaults(), argv=["--num_channels", "64", "--model_p", "m.pt"]
+    )
     assert given_flags(args) == {"num_channels", "model_path"} and args.model_path == "m.pt"
     with pytest.raises(UsageError, match="--num_channels"):
         parse_flags("test", su.model_and_diffusion_defaults(), argv=["--num_channels", "many"])
@@ -220,8 +240,11 @@ def test_flag_parser_errors_are_usage_errors():
 # --------------------------------------------------------------------------- help
 
 MODEL = (fl.MODEL_FLAGS, fl.DIFFUSION_FLAGS)
-SR_MODEL = (fl.FlagGroup(*[f for f in fl.MODEL_FLAGS if f.name in su.sr_model_and_diffusion_defaults()]),
-            fl.SR_FLAGS, fl.DIFFUSION_FLAGS)
+SR_MODEL = (
+    fl.FlagGroup(*[f for f in fl.MODEL_FLAGS if f.name in su.sr_model_and_diffusion_defaults()]),
+    fl.SR_FLAGS,
+    fl.DIFFUSION_FLAGS,
+)
 
 # Each script's flags, the later group's text winning where two define a flag (the script's own groups last).
 SCRIPT_FLAGS = {
@@ -233,8 +256,12 @@ SCRIPT_FLAGS = {
     "scripts/super_res_sample.py": (fl.RUN_FLAGS, *SR_MODEL, fl.SAMPLE_FLAGS, fl.SUPER_RES_SAMPLE_FLAGS),
     "scripts/image_nll.py": (fl.RUN_FLAGS, *MODEL, fl.NLL_FLAGS),
 }
-OTHER_SCRIPTS = ["scripts/toy_guidance.py", "scripts/describe_checkpoint.py", "evaluations/evaluator.py",
-                 "evaluations/make_reference_batch.py"]
+OTHER_SCRIPTS = [
+    "scripts/toy_guidance.py",
+    "scripts/describe_checkpoint.py",
+    "evaluations/evaluator.py",
+    "evaluations/make_reference_batch.py",
+]
 
 
 def help_entries(text):

@@ -70,9 +70,12 @@ def _collectives_worker(rank, init_file, out_file):
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     rows = th.full((1 + 2 * rank, 2), float(rank))  # uneven: 1 row on rank 0, 3 on rank 1
-    result = {"rows": dist_util.gather_rows(rows), "empty": dist_util.gather_rows(th.zeros(0, 2) if rank else rows),
-              "objects": dist_util.gather_objects({"rank": rank}),
-              "mean": dist_util.mean_over_ranks(th.tensor([float(rank)]))}
+    result = {
+        "rows": dist_util.gather_rows(rows),
+        "empty": dist_util.gather_rows(th.zeros(0, 2) if rank else rows),
+        "objects": dist_util.gather_objects({"rank": rank}),
+        "mean": dist_util.mean_over_ranks(th.tensor([float(rank)])),
+    }
     th.save(result, f"{out_file}.{rank}")
     dist.destroy_process_group()
 

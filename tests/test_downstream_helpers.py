@@ -18,9 +18,13 @@ from guided_diffusion.gaussian_diffusion import (
 
 
 def make_diffusion(rescale_timesteps=False):
-    return GaussianDiffusion(betas=get_named_beta_schedule("linear", 100), model_mean_type=ModelMeanType.EPSILON,
-                             model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.MSE,
-                             rescale_timesteps=rescale_timesteps)
+    return GaussianDiffusion(
+        betas=get_named_beta_schedule("linear", 100),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_SMALL,
+        loss_type=LossType.MSE,
+        rescale_timesteps=rescale_timesteps,
+    )
 
 
 def test_extract_into_tensor_picks_per_sample_values_and_broadcasts():
@@ -47,8 +51,12 @@ def test_scale_timesteps_maps_onto_1000_steps_only_when_asked():
 
 
 def test_prior_bpd_is_small_for_data_the_forward_process_destroys():
-    diffusion = GaussianDiffusion(betas=get_named_beta_schedule("cosine", 1000), model_mean_type=ModelMeanType.EPSILON,
-                                  model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.MSE)
+    diffusion = GaussianDiffusion(
+        betas=get_named_beta_schedule("cosine", 1000),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_SMALL,
+        loss_type=LossType.MSE,
+    )
     prior = diffusion._prior_bpd(th.zeros(2, 3, 4, 4))
     assert prior.shape == (2,) and (prior >= 0).all() and (prior < 1e-3).all()
 

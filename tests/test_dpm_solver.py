@@ -27,8 +27,12 @@ SHAPE = (6, 1, 2, 2)
 
 
 def _diffusion(schedule="linear", mean_type=ModelMeanType.EPSILON, steps=1000, respacing=None):
-    kwargs = dict(betas=get_named_beta_schedule(schedule, steps), model_mean_type=mean_type,
-                  model_var_type=ModelVarType.FIXED_LARGE, loss_type=LossType.MSE)
+    kwargs = dict(
+        betas=get_named_beta_schedule(schedule, steps),
+        model_mean_type=mean_type,
+        model_var_type=ModelVarType.FIXED_LARGE,
+        loss_type=LossType.MSE,
+    )
     if respacing:
         return SpacedDiffusion(space_timesteps(steps, respacing), **kwargs)
     return GaussianDiffusion(**kwargs)
@@ -44,11 +48,11 @@ class GaussianData:
     def _coefficients(self, t):
         abar = self.abar[t].view(-1, 1, 1, 1)
         a = abar.sqrt()
-        return a, (1 - abar).sqrt(), a * a * self.s ** 2 + (1 - abar)
+        return a, (1 - abar).sqrt(), a * a * self.s**2 + (1 - abar)
 
     def x0(self, x, t):
         a, _, v = self._coefficients(t)
-        return (self.mu + a * self.s ** 2 / v * (x.double() - a * self.mu)).float()
+        return (self.mu + a * self.s**2 / v * (x.double() - a * self.mu)).float()
 
     def eps(self, x, t, y=None):
         a, sigma, _ = self._coefficients(t)
@@ -67,8 +71,17 @@ def _noise(seed=0):
 
 def _error(diffusion, data, steps, order, schedule="logsnr", lower_order_final=True, **kwargs):
     x_T = _noise()
-    out = sample_dpmpp(diffusion, data.eps, x_T, steps=steps, order=order, schedule=schedule, clip_denoised=False,
-                       lower_order_final=lower_order_final, **kwargs)
+    out = sample_dpmpp(
+        diffusion,
+        data.eps,
+        x_T,
+        steps=steps,
+        order=order,
+        schedule=schedule,
+        clip_denoised=False,
+        lower_order_final=lower_order_final,
+        **kwargs,
+    )
     return float((out.double() - data.exact_output(x_T).double()).abs().max())
 
 
@@ -119,22 +132,29 @@ def test_classifier_guidance_reaches_the_exact_posterior():
     diffusion = _diffusion("cosine")
     data = GaussianData(diffusion.alphas_cumprod)
     y, r = 1.0, 0.4
-    post_var = 1 / (1 / data.s ** 2 + 1 / r ** 2)
-    posterior = GaussianData(diffusion.alphas_cumprod, mu=post_var * (data.mu / data.s ** 2 + y / r ** 2),
-                             s=math.sqrt(post_var))
+    post_var = 1 / (1 / data.s**2 + 1 / r**2)
+    posterior = GaussianData(
+        diffusion.alphas_cumprod, mu=post_var * (data.mu / data.s**2 + y / r**2), s=math.sqrt(post_var)
+    )
 
     def cond_fn(x, t, y=None):
         a, sigma, v = data._coefficients(t)
-        slope = a * data.s ** 2 / v  # d E[x0|x_t] / d x_t
-        var_x0 = data.s ** 2 * sigma ** 2 / v
-        return ((1.0 - data.x0(x, t).double()) / (var_x0 + r ** 2) * slope).float()
+        slope = a * data.s**2 / v  # d E[x0|x_t] / d x_t
+        var_x0 = data.s**2 * sigma**2 / v
+        return ((1.0 - data.x0(x, t).double()) / (var_x0 + r**2) * slope).float()
 
     x_T = _noise(2)
     guided = sample_dpmpp(diffusion, data.eps, x_T, steps=50, clip_denoised=False, cond_fn=cond_fn)
     assert float((guided - posterior.exact_output(x_T)).abs().max()) < 0.01
     # over many draws the guided mean is the posterior mean
-    many = sample_dpmpp(diffusion, data.eps, th.randn(4000, 1, 1, 1, generator=th.Generator().manual_seed(3)),
-                        steps=20, clip_denoised=False, cond_fn=cond_fn)
+    many = sample_dpmpp(
+        diffusion,
+        data.eps,
+        th.randn(4000, 1, 1, 1, generator=th.Generator().manual_seed(3)),
+        steps=20,
+        clip_denoised=False,
+        cond_fn=cond_fn,
+    )
     assert float(many.mean()) == pytest.approx(posterior.mu, abs=0.03)
     assert float(many.std()) == pytest.approx(posterior.s, rel=0.05)
 
@@ -147,8 +167,17 @@ def test_eps_and_x0_models_of_the_same_function_give_the_same_samples():
     for kwargs in (dict(order=2), dict(order=3), dict(order=2, sde=True)):
         outs = []
         for diffusion, model in ((eps_diffusion, data.eps), (x0_diffusion, lambda x, t, y=None: data.x0(x, t))):
-            outs.append(sample_dpmpp(diffusion, model, x_T, steps=12, clip_denoised=True,
-                                     generator=th.Generator().manual_seed(5), **kwargs))
+            outs.append(
+                sample_dpmpp(
+                    diffusion,
+                    model,
+                    x_T,
+                    steps=12,
+                    clip_denoised=True,
+                    generator=th.Generator().manual_seed(5),
+                    **kwargs,
+                )
+            )
         assert th.allclose(outs[0], outs[1], atol=1e-4)
 
 
@@ -156,8 +185,15 @@ def test_sde_variant_samples_the_data_distribution():
     diffusion = _diffusion("cosine")
     data = GaussianData(diffusion.alphas_cumprod)
     gen = th.Generator().manual_seed(6)
-    out = sample_dpmpp(diffusion, data.eps, th.randn(4000, 1, 1, 1, generator=gen), steps=25, sde=True,
-                       clip_denoised=False, generator=gen)
+    out = sample_dpmpp(
+        diffusion,
+        data.eps,
+        th.randn(4000, 1, 1, 1, generator=gen),
+        steps=25,
+        sde=True,
+        clip_denoised=False,
+        generator=gen,
+    )
     assert float(out.mean()) == pytest.approx(data.mu, abs=0.03)
     assert float(out.std()) == pytest.approx(data.s, rel=0.05)
 

@@ -14,8 +14,13 @@ from guided_diffusion.evaluator import Evaluator, evaluate, format_report, make_
 from guided_diffusion.inception import FIDInceptionV3, default_weights_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIVE_LINES = [r"Inception Score: (unavailable \(.*pt_inception-2015-12-05-6726825d\.pth.*\)|[0-9.e+-]+)",
-              r"FID: -?[0-9.e+-]+", r"sFID: -?[0-9.e+-]+", r"Precision: [01]\.[0-9e+-]*", r"Recall: [01]\.[0-9e+-]*"]
+FIVE_LINES = [
+    r"Inception Score: (unavailable \(.*pt_inception-2015-12-05-6726825d\.pth.*\)|[0-9.e+-]+)",
+    r"FID: -?[0-9.e+-]+",
+    r"sFID: -?[0-9.e+-]+",
+    r"Precision: [01]\.[0-9e+-]*",
+    r"Recall: [01]\.[0-9e+-]*",
+]
 
 
 def _images(seed, n, size=32):
@@ -78,11 +83,14 @@ def test_reference_batch_from_a_folder(tmp_path):
         assert f["arr_0"].shape == (5, 24, 24, 3) and f["arr_0"].dtype == np.uint8
 
 
-@pytest.mark.parametrize("arrays,message", [
-    (dict(images=np.zeros((2, 8, 8, 3), np.uint8)), "no arr_0"),
-    (dict(arr_0=np.zeros((2, 8, 8, 3), np.float32)), "expected uint8"),
-    (dict(arr_0=np.zeros((2, 8, 8), np.uint8)), "expected uint8"),
-])
+@pytest.mark.parametrize(
+    "arrays,message",
+    [
+        (dict(images=np.zeros((2, 8, 8, 3), np.uint8)), "no arr_0"),
+        (dict(arr_0=np.zeros((2, 8, 8, 3), np.float32)), "expected uint8"),
+        (dict(arr_0=np.zeros((2, 8, 8), np.uint8)), "expected uint8"),
+    ],
+)
 def test_bad_batches_fail_clearly(tmp_path, arrays, message):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
@@ -126,13 +134,29 @@ def test_command_line_prints_the_five_lines(tmp_path):
     np.savez(tmp_path / "ref.npz", ref)
     np.savez(tmp_path / "samples_10x32x32x3.npz", samples, np.arange(10))
     weights = _weights_for_cli(tmp_path)
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluations", "make_reference_batch.py"),
-                          str(tmp_path / "ref.npz"), str(tmp_path / "ref_batch.npz")] + weights,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluations", "make_reference_batch.py"),
+            str(tmp_path / "ref.npz"),
+            str(tmp_path / "ref_batch.npz"),
+        ]
+        + weights,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluations", "evaluator.py"),
-                          str(tmp_path / "ref_batch.npz"), str(tmp_path / "samples_10x32x32x3.npz")] + weights,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluations", "evaluator.py"),
+            str(tmp_path / "ref_batch.npz"),
+            str(tmp_path / "samples_10x32x32x3.npz"),
+        ]
+        + weights,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()[-5:]
     for line, pattern in zip(lines, FIVE_LINES):
@@ -145,8 +169,16 @@ def test_command_line_prints_the_five_lines(tmp_path):
 
 
 def test_command_line_names_a_missing_batch(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "evaluations", "evaluator.py"),
-                          str(tmp_path / "nope.npz"), str(tmp_path / "nope2.npz")] + _weights_for_cli(tmp_path),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluations", "evaluator.py"),
+            str(tmp_path / "nope.npz"),
+            str(tmp_path / "nope2.npz"),
+        ]
+        + _weights_for_cli(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0
     assert "nope.npz" in out.stderr and "Traceback" not in out.stderr

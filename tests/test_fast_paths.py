@@ -47,8 +47,7 @@ def reference_attention_block(block, x, new_order):
 def outputs_and_grads(fn, module, x):
     x = x.clone().requires_grad_(True)
     out = fn(x)
-    grads = th.autograd.grad((out * th.linspace(-1, 1, out.numel()).view_as(out)).sum(),
-                             [x, *module.parameters()])
+    grads = th.autograd.grad((out * th.linspace(-1, 1, out.numel()).view_as(out)).sum(), [x, *module.parameters()])
     return out.detach(), grads
 
 
@@ -74,8 +73,9 @@ def test_attention_block_matches_the_original_computation(impl, new_order, spati
 def test_qkv_attention_public_forward_keeps_the_original_layout():
     th.manual_seed(1)
     qkv = th.randn(2, 3 * 2 * 64, 9)
-    th.testing.assert_close(unet.QKVAttentionLegacy(2)(qkv), reference_qkv_attention(qkv, 2, False),
-                            rtol=1e-5, atol=1e-5)
+    th.testing.assert_close(
+        unet.QKVAttentionLegacy(2)(qkv), reference_qkv_attention(qkv, 2, False), rtol=1e-5, atol=1e-5
+    )
     th.testing.assert_close(unet.QKVAttention(2)(qkv), reference_qkv_attention(qkv, 2, True), rtol=1e-5, atol=1e-5)
 
 
@@ -92,8 +92,9 @@ def reference_attention_pool(pool, x):
 @pytest.mark.parametrize("impl", ["sdpa", "einsum"])
 def test_attention_pool_with_one_query_matches_the_original(impl):
     th.manual_seed(2)
-    pool = randomise(AttentionPool2d(spacial_dim=5, embed_dim=128, num_heads_channels=64, output_dim=10,
-                                     attention_impl=impl))
+    pool = randomise(
+        AttentionPool2d(spacial_dim=5, embed_dim=128, num_heads_channels=64, output_dim=10, attention_impl=impl)
+    )
     x = th.randn(3, 128, 5, 5)
     out, grads = outputs_and_grads(pool, pool, x)
     ref_out, ref_grads = outputs_and_grads(lambda z: reference_attention_pool(pool, z), pool, x)
@@ -115,8 +116,10 @@ def test_fused_optimizer_steps_like_plain_adamw():
     th.manual_seed(4)
     fast = [th.nn.Parameter(th.randn(6, 4)), th.nn.Parameter(th.randn(4))]
     plain = [th.nn.Parameter(p.detach().clone()) for p in fast]
-    opts = [make_optimizer(fast, lr=1e-2, weight_decay=0.1),
-            th.optim.AdamW(plain, lr=1e-2, weight_decay=0.1, foreach=False)]
+    opts = [
+        make_optimizer(fast, lr=1e-2, weight_decay=0.1),
+        th.optim.AdamW(plain, lr=1e-2, weight_decay=0.1, foreach=False),
+    ]
     for _ in range(5):
         grads = [th.randn_like(p) for p in fast]
         for params, opt in zip((fast, plain), opts):

@@ -27,10 +27,21 @@ def fake_state(name):
     return {key: th.zeros(()).expand(*shape) for key, shape, _ in record["state_dict"]}, record
 
 
-@pytest.mark.parametrize("name", ["64x64_diffusion", "128x128_diffusion", "256x256_diffusion",
-                                  "256x256_diffusion_uncond", "lsun_bedroom", "512x512_diffusion",
-                                  "64x64_classifier", "128x128_classifier", "256x256_classifier",
-                                  "512x512_classifier"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "64x64_diffusion",
+        "128x128_diffusion",
+        "256x256_diffusion",
+        "256x256_diffusion_uncond",
+        "lsun_bedroom",
+        "512x512_diffusion",
+        "64x64_classifier",
+        "128x128_classifier",
+        "256x256_classifier",
+        "512x512_classifier",
+    ],
+)
 def test_released_layout_brings_its_flags(name):
     state, record = fake_state(name)
     args = classifier_sample.parse_args(["--timestep_respacing", "250"])  # a run-time flag keeps the inference
@@ -50,8 +61,9 @@ def test_released_upsamplers_bring_their_flags(name):
     args = super_res_sample.parse_args([])
     flags, match = sampling.flags_for_checkpoint("super_res", args, state, f"models/{name}.pt")
     assert match is not None and match.name == name
-    assert {k: flags[k] for k in record["flags"] if k != "use_fp16"} == \
-        {k: v for k, v in record["flags"].items() if k != "use_fp16"}
+    assert {k: flags[k] for k in record["flags"] if k != "use_fp16"} == {
+        k: v for k, v in record["flags"].items() if k != "use_fp16"
+    }
 
 
 def test_flags_given_on_the_command_line_win():
@@ -67,8 +79,9 @@ def test_flags_given_on_the_command_line_win():
 
 
 def test_an_unknown_layout_keeps_the_flags():
-    model, _ = su.create_model_and_diffusion(**{**su.model_and_diffusion_defaults(), "image_size": 16,
-                                                "num_channels": 32, "num_res_blocks": 1})
+    model, _ = su.create_model_and_diffusion(
+        **{**su.model_and_diffusion_defaults(), "image_size": 16, "num_channels": 32, "num_res_blocks": 1}
+    )
     args = classifier_sample.parse_args([])
     flags, match = sampling.flags_for_checkpoint("diffusion", args, model.state_dict(), "m.pt")
     assert match is None and flags == su.args_to_dict(args, su.model_and_diffusion_defaults())
@@ -83,16 +96,28 @@ def test_model_and_classifier_must_agree():
     assert args.image_size == 64 and args.classifier_depth == 4 and args.num_channels == 192
 
 
-TINY_DIFFUSION = dict(image_size=16, num_channels=32, num_res_blocks=1, attention_resolutions="8", class_cond=True,
-                      num_classes=3, learn_sigma=True, diffusion_steps=20, noise_schedule="cosine")
-TINY_CLASSIFIER = dict(image_size=16, classifier_width=64, classifier_depth=1, classifier_attention_resolutions="8",
-                       num_classes=3)
+TINY_DIFFUSION = dict(
+    image_size=16,
+    num_channels=32,
+    num_res_blocks=1,
+    attention_resolutions="8",
+    class_cond=True,
+    num_classes=3,
+    learn_sigma=True,
+    diffusion_steps=20,
+    noise_schedule="cosine",
+)
+TINY_CLASSIFIER = dict(
+    image_size=16, classifier_width=64, classifier_depth=1, classifier_attention_resolutions="8", num_classes=3
+)
 
 
 def test_classifier_sample_runs_with_only_the_checkpoints(tmp_path, monkeypatch, capsys):
     """The script end to end, with two tiny 'released' records standing in for the real (550M) ones."""
-    records = (released.ReleasedCheckpoint("tiny_diffusion", "diffusion", TINY_DIFFUSION, ("tiny_diffusion.pt",)),
-               released.ReleasedCheckpoint("tiny_classifier", "classifier", TINY_CLASSIFIER, ("tiny_clf.pt",)))
+    records = (
+        released.ReleasedCheckpoint("tiny_diffusion", "diffusion", TINY_DIFFUSION, ("tiny_diffusion.pt",)),
+        released.ReleasedCheckpoint("tiny_classifier", "classifier", TINY_CLASSIFIER, ("tiny_clf.pt",)),
+    )
     monkeypatch.setattr(released, "RELEASED", records)
     monkeypatch.setattr(released, "_BY_NAME", {r.name: r for r in records})
     released._layout_by_name.cache_clear()
@@ -101,9 +126,23 @@ def test_classifier_sample_runs_with_only_the_checkpoints(tmp_path, monkeypatch,
         model, _ = su.create_from_flags(record.kind, released.released_flags(record))
         paths[record.kind] = str(tmp_path / record.files[0])
         th.save(model.state_dict(), paths[record.kind])
-    argv = ["classifier_sample.py", "--model_path", paths["diffusion"], "--classifier_path", paths["classifier"],
-            "--classifier_scale", "1.0", "--num_samples", "2", "--batch_size", "2", "--timestep_respacing", "3",
-            "--log_dir", str(tmp_path / "out")]
+    argv = [
+        "classifier_sample.py",
+        "--model_path",
+        paths["diffusion"],
+        "--classifier_path",
+        paths["classifier"],
+        "--classifier_scale",
+        "1.0",
+        "--num_samples",
+        "2",
+        "--batch_size",
+        "2",
+        "--timestep_respacing",
+        "3",
+        "--log_dir",
+        str(tmp_path / "out"),
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     initialized = th.distributed.is_initialized()
     try:

@@ -25,10 +25,21 @@ from guided_diffusion.gaussian_diffusion import (
 SHAPE = (3, 2, 4, 4)
 
 
-def make_diffusion(steps=100, schedule="linear", mean=ModelMeanType.EPSILON, var=ModelVarType.FIXED_SMALL,
-                   loss=LossType.MSE, rescale_timesteps=False):
-    return GaussianDiffusion(betas=get_named_beta_schedule(schedule, steps), model_mean_type=mean,
-                             model_var_type=var, loss_type=loss, rescale_timesteps=rescale_timesteps)
+def make_diffusion(
+    steps=100,
+    schedule="linear",
+    mean=ModelMeanType.EPSILON,
+    var=ModelVarType.FIXED_SMALL,
+    loss=LossType.MSE,
+    rescale_timesteps=False,
+):
+    return GaussianDiffusion(
+        betas=get_named_beta_schedule(schedule, steps),
+        model_mean_type=mean,
+        model_var_type=var,
+        loss_type=loss,
+        rescale_timesteps=rescale_timesteps,
+    )
 
 
 def fixed_x0(shape=SHAPE, seed=1):
@@ -92,18 +103,30 @@ def test_constants_match_their_definitions():
     np.testing.assert_allclose(d.alphas_cumprod, ac, rtol=1e-12)
     np.testing.assert_allclose(d.alphas_cumprod_prev[1:], ac[:-1])
     assert d.alphas_cumprod_prev[0] == 1.0 and d.alphas_cumprod_next[-1] == 0.0
-    np.testing.assert_allclose(d.sqrt_recipm1_alphas_cumprod ** 2, 1 / ac - 1, rtol=1e-10)
+    np.testing.assert_allclose(d.sqrt_recipm1_alphas_cumprod**2, 1 / ac - 1, rtol=1e-10)
     assert d.posterior_log_variance_clipped[0] == d.posterior_log_variance_clipped[1]
-    for name in ["betas", "alphas_cumprod", "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2",
-                 "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
-                 "sqrt_recip_alphas_cumprod"]:
+    for name in [
+        "betas",
+        "alphas_cumprod",
+        "posterior_variance",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+    ]:
         assert getattr(d, name).dtype == np.float64 and getattr(d, name).shape == (50,)
 
 
 def test_invalid_betas_are_rejected():
     with pytest.raises(ValueError, match="betas"):
-        GaussianDiffusion(betas=np.array([0.1, 0.0]), model_mean_type=ModelMeanType.EPSILON,
-                          model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.MSE)
+        GaussianDiffusion(
+            betas=np.array([0.1, 0.0]),
+            model_mean_type=ModelMeanType.EPSILON,
+            model_var_type=ModelVarType.FIXED_SMALL,
+            loss_type=LossType.MSE,
+        )
 
 
 def test_loss_type_is_vb():
@@ -142,8 +165,9 @@ def test_q_posterior_matches_gaussian_product():
         ab_prev, beta = d.alphas_cumprod[step - 1], d.betas[step]
         # q(x_t | x_{t-1}) q(x_{t-1} | x_0): precisions add, means combine by precision.
         precision = 1 / (1 - ab_prev) + (1 - beta) / beta
-        expected_mean = (np.sqrt(ab_prev) * x0.double() / (1 - ab_prev)
-                         + np.sqrt(1 - beta) * xt.double() / beta) / precision
+        expected_mean = (
+            np.sqrt(ab_prev) * x0.double() / (1 - ab_prev) + np.sqrt(1 - beta) * xt.double() / beta
+        ) / precision
         np.testing.assert_allclose(mean.numpy(), expected_mean.numpy(), rtol=1e-5, atol=1e-6)
         assert var[0, 0, 0, 0].item() == pytest.approx(1 / precision, rel=1e-6)
         assert log_var[0, 0, 0, 0].item() == pytest.approx(math.log(1 / precision), rel=1e-6)
@@ -159,7 +183,8 @@ def test_p_mean_variance_recovers_x0_from_a_perfect_prediction(mean_type, var_ty
     x0, xt = fixed_x0(), fixed_x0(seed=3)
     t = th.tensor([0, 40, 99])
     eps = (xt - th.from_numpy(d.sqrt_alphas_cumprod)[t].float().view(-1, 1, 1, 1) * x0) / th.from_numpy(
-        d.sqrt_one_minus_alphas_cumprod)[t].float().view(-1, 1, 1, 1)
+        d.sqrt_one_minus_alphas_cumprod
+    )[t].float().view(-1, 1, 1, 1)
     true_mean = d.q_posterior_mean_variance(x0, xt, t)[0]
     output = {ModelMeanType.EPSILON: eps, ModelMeanType.START_X: x0, ModelMeanType.PREVIOUS_X: true_mean}[mean_type]
     var_values = th.full_like(x0, 0.3)
@@ -188,8 +213,11 @@ def test_variance_types():
         out = d.p_mean_variance(lambda x, ts: x, x, t)
         np.testing.assert_allclose(out["log_variance"][:, 0, 0, 0].numpy(), logs, rtol=1e-6)
     d = make_diffusion(steps=100, var=ModelVarType.LEARNED_RANGE)
-    for v, logs in [(-1.0, logpost[[0, 10, 99]]), (1.0, np.log(base.betas[[0, 10, 99]])),
-                    (0.0, (logpost[[0, 10, 99]] + np.log(base.betas[[0, 10, 99]])) / 2)]:
+    for v, logs in [
+        (-1.0, logpost[[0, 10, 99]]),
+        (1.0, np.log(base.betas[[0, 10, 99]])),
+        (0.0, (logpost[[0, 10, 99]] + np.log(base.betas[[0, 10, 99]])) / 2),
+    ]:
         out = d.p_mean_variance(lambda x, ts, v=v: th.cat([x, th.full_like(x, v)], 1), x, t)
         np.testing.assert_allclose(out["log_variance"][:, 0, 0, 0].numpy(), logs, rtol=1e-5)
     d = make_diffusion(steps=100, var=ModelVarType.LEARNED)
@@ -347,8 +375,10 @@ def test_progress_bar(capsys):
 def test_plain_loop_is_the_last_step_of_the_progressive_one(sampler):
     """One loop behind both: with the same generator seed the plain loop returns the progressive one's last sample."""
     d = make_diffusion(steps=15, schedule="cosine")
-    plain, progressive = {"ddpm": (d.p_sample_loop, d.p_sample_loop_progressive),
-                          "ddim": (d.ddim_sample_loop, d.ddim_sample_loop_progressive)}[sampler]
+    plain, progressive = {
+        "ddpm": (d.p_sample_loop, d.p_sample_loop_progressive),
+        "ddim": (d.ddim_sample_loop, d.ddim_sample_loop_progressive),
+    }[sampler]
     extra = {"eta": 1.0} if sampler == "ddim" else {}  # eta = 1: DDIM draws noise at every step too
     final = plain(smooth_eps_model, SHAPE, generator=th.Generator().manual_seed(3), **extra)
     steps = list(progressive(smooth_eps_model, SHAPE, generator=th.Generator().manual_seed(3), **extra))
@@ -399,8 +429,13 @@ def test_cond_fn_receives_model_kwargs_and_scaled_t():
         seen.update(ts=ts, y=y)
         return th.zeros_like(x)
 
-    d.ddim_sample(lambda x, ts, y=None: x, fixed_x0(), th.tensor([10, 10, 10]), cond_fn=cond_fn,
-                  model_kwargs={"y": th.tensor([1, 2, 3])})
+    d.ddim_sample(
+        lambda x, ts, y=None: x,
+        fixed_x0(),
+        th.tensor([10, 10, 10]),
+        cond_fn=cond_fn,
+        model_kwargs={"y": th.tensor([1, 2, 3])},
+    )
     assert th.all(seen["ts"] == 100.0) and seen["y"].tolist() == [1, 2, 3]
 
 
@@ -422,8 +457,11 @@ def test_mse_targets(mean_type):
     d = make_diffusion(steps=100, mean=mean_type)
     x0, t, noise = fixed_x0(), th.tensor([1, 50, 99]), th.randn(SHAPE)
     xt = d.q_sample(x0, t, noise=noise)
-    target = {ModelMeanType.EPSILON: noise, ModelMeanType.START_X: x0,
-              ModelMeanType.PREVIOUS_X: d.q_posterior_mean_variance(x0, xt, t)[0]}[mean_type]
+    target = {
+        ModelMeanType.EPSILON: noise,
+        ModelMeanType.START_X: x0,
+        ModelMeanType.PREVIOUS_X: d.q_posterior_mean_variance(x0, xt, t)[0],
+    }[mean_type]
     terms = d.training_losses(lambda x, ts: target, x0, t, noise=noise)
     assert terms["mse"].max() < 1e-10
 
@@ -468,7 +506,7 @@ def test_vb_term_does_not_train_the_mean():
 def numpy_decoder_nll_bits(x0, log_var):
     """-log2 of the Gaussian mass of each 1/255 bin around x0 itself (mean = x0), averaged."""
     std = math.exp(0.5 * log_var)
-    cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+    cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
     x = x0.double().numpy()
     upper = np.where(x > 0.999, 1.0, cdf((1 / 255) / std))
     lower = np.where(x < -0.999, 0.0, cdf(-(1 / 255) / std))

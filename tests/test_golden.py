@@ -112,22 +112,33 @@ def guidance(classifier):
 
 def spaced(spec):
     flags = GOLDEN["model_flags"]
-    return create_gaussian_diffusion(steps=flags["diffusion_steps"], learn_sigma=flags["learn_sigma"],
-                                     noise_schedule=flags["noise_schedule"], timestep_respacing=spec)
+    return create_gaussian_diffusion(
+        steps=flags["diffusion_steps"],
+        learn_sigma=flags["learn_sigma"],
+        noise_schedule=flags["noise_schedule"],
+        timestep_respacing=spec,
+    )
 
 
-@pytest.mark.parametrize("key, spec, guided, seed", [
-    ("ddim10_sample", "ddim10", False, None),
-    ("ddim10_guided_sample", "ddim10", True, None),
-    ("ddim10_eta1_sample_seed123", "ddim10", False, 123),
-    ("ddpm10_sample_seed123", "10", False, 123),
-    ("ddpm10_guided_sample_seed123", "10", True, 123),
-])
+@pytest.mark.parametrize(
+    "key, spec, guided, seed",
+    [
+        ("ddim10_sample", "ddim10", False, None),
+        ("ddim10_guided_sample", "ddim10", True, None),
+        ("ddim10_eta1_sample_seed123", "ddim10", False, 123),
+        ("ddpm10_sample_seed123", "10", False, 123),
+        ("ddpm10_guided_sample_seed123", "10", True, 123),
+    ],
+)
 def test_sampling_loops(model_and_diffusion, classifier, impl, key, spec, guided, seed):
     model, _ = model_and_diffusion
     diffusion = spaced(spec)
-    kwargs = dict(noise=GOLDEN["noise"], clip_denoised=True, model_kwargs={"y": GOLDEN["y"]},
-                  cond_fn=guidance(classifier) if guided else None)
+    kwargs = dict(
+        noise=GOLDEN["noise"],
+        clip_denoised=True,
+        model_kwargs={"y": GOLDEN["y"]},
+        cond_fn=guidance(classifier) if guided else None,
+    )
     if seed is not None:
         th.manual_seed(seed)
     if spec.startswith("ddim"):
@@ -142,8 +153,9 @@ def test_ddim_reverse_sample(model_and_diffusion, impl):
     diffusion = spaced("ddim10")
     t = th.full((4,), 5, dtype=th.long)
     with th.no_grad():
-        out = diffusion.ddim_reverse_sample(model, GOLDEN["q_sample"], t, clip_denoised=False,
-                                            model_kwargs={"y": GOLDEN["y"]})
+        out = diffusion.ddim_reverse_sample(
+            model, GOLDEN["q_sample"], t, clip_denoised=False, model_kwargs={"y": GOLDEN["y"]}
+        )
     close(out["sample"], GOLDEN["ddim_reverse_sample_t5"], impl, scale=10)
 
 

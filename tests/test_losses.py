@@ -42,8 +42,9 @@ def test_bin_probabilities_sum_to_one(mean, log_scale):
 
 def test_narrow_gaussian_puts_its_mass_in_its_own_bin():
     x = th.linspace(-1, 1, 256, dtype=th.float64)
-    logp = discretized_gaussian_log_likelihood(x, means=th.full_like(x, x[200].item()),
-                                               log_scales=th.full_like(x, -7.0))
+    logp = discretized_gaussian_log_likelihood(
+        x, means=th.full_like(x, x[200].item()), log_scales=th.full_like(x, -7.0)
+    )
     assert th.argmax(logp).item() == 200 and logp[200].exp().item() > 0.99
 
 
@@ -51,8 +52,9 @@ def test_likelihood_of_a_bin_matches_numpy():
     x, mean, std = 0.2, 0.19, 0.05
     cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
     expected = np.log(cdf((x - mean + 1 / 255) / std) - cdf((x - mean - 1 / 255) / std))
-    got = discretized_gaussian_log_likelihood(th.tensor([x]), means=th.tensor([mean]),
-                                              log_scales=th.tensor([math.log(std)]))
+    got = discretized_gaussian_log_likelihood(
+        th.tensor([x]), means=th.tensor([mean]), log_scales=th.tensor([math.log(std)])
+    )
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 

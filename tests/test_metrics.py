@@ -129,8 +129,9 @@ def test_chunking_does_not_change_the_result():
         whole = precision_recall(ref, sample, half=half, block=10_000)
         assert precision_recall(ref, sample, half=half, block=7) == whole
         # the matmul of a block may sum in another order: equal up to float32 rounding
-        np.testing.assert_allclose(manifold_radii(ref, block=5, half=half), manifold_radii(ref, block=999, half=half),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            manifold_radii(ref, block=5, half=half), manifold_radii(ref, block=999, half=half), rtol=1e-5
+        )
 
 
 def test_half_precision_distances_fall_back_to_float32_on_overflow():
@@ -146,9 +147,9 @@ def test_half_precision_distances_fall_back_to_float32_on_overflow():
 def test_half_precision_rounds_like_float16():
     import torch as th
 
-    u, v = th.tensor([[0.0, 0.0]]), th.tensor([[1.0 + 2 ** -12, 0.0]])  # 1 + 2^-12 is 1 in float16
+    u, v = th.tensor([[0.0, 0.0]]), th.tensor([[1.0 + 2**-12, 0.0]])  # 1 + 2^-12 is 1 in float16
     assert pairwise_distances(u, v, half=True).item() == 1.0
-    assert pairwise_distances(u, v, half=False).item() == pytest.approx((1 + 2 ** -12) ** 2)
+    assert pairwise_distances(u, v, half=False).item() == pytest.approx((1 + 2**-12) ** 2)
 
 
 def test_too_few_rows_for_k_is_a_clear_error():

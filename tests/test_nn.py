@@ -15,7 +15,7 @@ def test_timestep_embedding_known_values():
     th.testing.assert_close(emb, expected)
     odd = gnn.timestep_embedding(th.tensor([3]), 5, max_period=100)
     assert odd.shape == (1, 5) and odd[0, -1] == 0
-    assert odd[0, 1].item() == pytest.approx(math.cos(3 * 100 ** -0.5), rel=1e-6)
+    assert odd[0, 1].item() == pytest.approx(math.cos(3 * 100**-0.5), rel=1e-6)
 
 
 def test_checkpoint_gives_identical_gradients():
@@ -26,7 +26,7 @@ def test_checkpoint_gives_identical_gradients():
         layer.zero_grad()
         x.grad = None
         out = gnn.checkpoint(layer, (x,), layer.parameters(), flag)
-        (out ** 2).sum().backward()
+        (out**2).sum().backward()
         grads.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
     for a, b in zip(*grads):
         th.testing.assert_close(a, b, rtol=0, atol=0)

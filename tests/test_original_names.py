@@ -15,8 +15,16 @@ from guided_diffusion.unet import (
     count_flops_attn,
 )
 
-TINY = dict(image_size=8, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-            attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2)
+TINY = dict(
+    image_size=8,
+    in_channels=3,
+    model_channels=32,
+    out_channels=3,
+    num_res_blocks=1,
+    attention_resolutions=(2,),
+    channel_mult=(1, 2),
+    num_heads=2,
+)
 
 
 # --------------------------------------------------------------------------- model.dtype

@@ -116,14 +116,17 @@ def test_tiny_models_match_no_release():
 # --------------------------------------------------------------------------- checkpoint_kind
 
 
-@pytest.mark.parametrize("kind, flags", [
-    ("diffusion", TINY_MODEL),
-    ("diffusion", {**TINY_MODEL, "learn_sigma": True, "class_cond": True, "num_classes": 3}),
-    ("super_res", TINY_SUPER_RES),
-    ("super_res", {**TINY_SUPER_RES, "learn_sigma": True}),
-    ("classifier", TINY_CLASSIFIER),
-    ("classifier", {**TINY_CLASSIFIER, "classifier_pool": "adaptive"}),
-])
+@pytest.mark.parametrize(
+    "kind, flags",
+    [
+        ("diffusion", TINY_MODEL),
+        ("diffusion", {**TINY_MODEL, "learn_sigma": True, "class_cond": True, "num_classes": 3}),
+        ("super_res", TINY_SUPER_RES),
+        ("super_res", {**TINY_SUPER_RES, "learn_sigma": True}),
+        ("classifier", TINY_CLASSIFIER),
+        ("classifier", {**TINY_CLASSIFIER, "classifier_pool": "adaptive"}),
+    ],
+)
 def test_checkpoint_kind_of_models(kind, flags):
     assert checkpoint_kind(build(kind, flags).state_dict()) == kind
 

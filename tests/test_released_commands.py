@@ -16,7 +16,11 @@ from guided_diffusion import script_util as su
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYOUTS = sorted((ROOT / "tests" / "data" / "checkpoint_layouts").glob("*.json"))
 SAMPLE_FLAGS = ["--batch_size", "4", "--num_samples", "100", "--timestep_respacing", "250"]
-SCRIPT_OF_KIND = {"diffusion": "image_sample.py", "classifier": "classifier_sample.py", "super_res": "super_res_sample.py"}
+SCRIPT_OF_KIND = {
+    "diffusion": "image_sample.py",
+    "classifier": "classifier_sample.py",
+    "super_res": "super_res_sample.py",
+}
 
 
 def script_module(name):
@@ -48,12 +52,14 @@ def test_readme_flags_build_the_released_layout(path):
 
 def test_readme_ddim_flags_parse():
     args = script_module("classifier_sample.py").parse_args(
-        ["--timestep_respacing", "ddim25", "--use_ddim", "True", "--classifier_depth", "4"])
+        ["--timestep_respacing", "ddim25", "--use_ddim", "True", "--classifier_depth", "4"]
+    )
     assert args.use_ddim is True and args.classifier_depth == 4 and args.timestep_respacing == "ddim25"
 
 
 def test_readme_fast_sampler_flags_parse():
     args = script_module("classifier_sample.py").parse_args(
-        ["--sampler", "dpm++2m", "--sampling_steps", "15", "--classifier_depth", "4"])
+        ["--sampler", "dpm++2m", "--sampling_steps", "15", "--classifier_depth", "4"]
+    )
     assert (args.sampler, args.sampling_steps, args.timestep_respacing) == ("dpm++2m", 15, "")
     assert script_module("image_sample.py").parse_args(["--use_ddim", "True"]).sampler == "ddim"

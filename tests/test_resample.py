@@ -15,8 +15,12 @@ from guided_diffusion.resample import LossSecondMomentResampler, UniformSampler,
 
 
 def diffusion(steps=20):
-    return GaussianDiffusion(betas=get_named_beta_schedule("cosine", steps), model_mean_type=ModelMeanType.EPSILON,
-                             model_var_type=ModelVarType.FIXED_SMALL, loss_type=LossType.MSE)
+    return GaussianDiffusion(
+        betas=get_named_beta_schedule("cosine", steps),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.FIXED_SMALL,
+        loss_type=LossType.MSE,
+    )
 
 
 def test_named_samplers():

@@ -15,8 +15,13 @@ from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 
 
 def diffusion_kwargs(steps=100, rescale_timesteps=False, var=ModelVarType.FIXED_SMALL):
-    return dict(betas=get_named_beta_schedule("linear", steps), model_mean_type=ModelMeanType.EPSILON,
-                model_var_type=var, loss_type=LossType.MSE, rescale_timesteps=rescale_timesteps)
+    return dict(
+        betas=get_named_beta_schedule("linear", steps),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=var,
+        loss_type=LossType.MSE,
+        rescale_timesteps=rescale_timesteps,
+    )
 
 
 def test_sections_of_300_steps():
@@ -50,8 +55,9 @@ def test_plain_count_keeps_both_ends():
     assert space_timesteps(1000, "1000") == set(range(1000))
 
 
-@pytest.mark.parametrize("spec, match", [("ddim43", "exactly 43 steps out of 1000"), ("2000", "2000"),
-                                         ("ten", "timestep_respacing")])
+@pytest.mark.parametrize(
+    "spec, match", [("ddim43", "exactly 43 steps out of 1000"), ("2000", "2000"), ("ten", "timestep_respacing")]
+)
 def test_impossible_respacing_is_rejected(spec, match):
     with pytest.raises(ValueError, match=match):
         space_timesteps(1000, spec)

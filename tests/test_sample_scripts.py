@@ -14,13 +14,35 @@ from guided_diffusion import script_util as su
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 
-UNCOND = dict(image_size=16, num_channels=32, num_res_blocks=1, attention_resolutions="8", diffusion_steps=50,
-              noise_schedule="cosine")
+UNCOND = dict(
+    image_size=16,
+    num_channels=32,
+    num_res_blocks=1,
+    attention_resolutions="8",
+    diffusion_steps=50,
+    noise_schedule="cosine",
+)
 COND = dict(UNCOND, class_cond=True, num_classes=3, learn_sigma=True)
-CLASSIFIER = dict(image_size=16, classifier_width=64, classifier_depth=1, classifier_attention_resolutions="8",
-                  num_classes=3, diffusion_steps=50, noise_schedule="cosine")
-SUPER_RES = dict(large_size=16, small_size=8, num_channels=32, num_res_blocks=1, attention_resolutions="8",
-                 diffusion_steps=50, noise_schedule="cosine", class_cond=True, num_classes=3)
+CLASSIFIER = dict(
+    image_size=16,
+    classifier_width=64,
+    classifier_depth=1,
+    classifier_attention_resolutions="8",
+    num_classes=3,
+    diffusion_steps=50,
+    noise_schedule="cosine",
+)
+SUPER_RES = dict(
+    large_size=16,
+    small_size=8,
+    num_channels=32,
+    num_res_blocks=1,
+    attention_resolutions="8",
+    diffusion_steps=50,
+    noise_schedule="cosine",
+    class_cond=True,
+    num_classes=3,
+)
 
 
 def args(flags, **more):
@@ -66,8 +88,11 @@ def load_npz(log_dir, n, size=16):
 
 
 def test_image_sample_ddpm_unconditional(models, tmp_path):
-    result = run("image_sample.py", args(UNCOND, model_path=models["uncond"], num_samples=5, batch_size=2,
-                                         timestep_respacing=10), tmp_path)
+    result = run(
+        "image_sample.py",
+        args(UNCOND, model_path=models["uncond"], num_samples=5, batch_size=2, timestep_respacing=10),
+        tmp_path,
+    )
     out = load_npz(tmp_path, 5)
     assert set(out) == {"arr_0"} and out["arr_0"].dtype == np.uint8 and out["arr_0"].shape == (5, 16, 16, 3)
     assert out["arr_0"].std() > 5  # not a constant image
@@ -78,8 +103,19 @@ def test_image_sample_ddpm_unconditional(models, tmp_path):
 
 
 def test_image_sample_ddim_class_conditional(models, tmp_path):
-    run("image_sample.py", args(COND, model_path=models["cond"], num_samples=6, batch_size=4, use_ddim=True,
-                                timestep_respacing="ddim10", seed=1), tmp_path)
+    run(
+        "image_sample.py",
+        args(
+            COND,
+            model_path=models["cond"],
+            num_samples=6,
+            batch_size=4,
+            use_ddim=True,
+            timestep_respacing="ddim10",
+            seed=1,
+        ),
+        tmp_path,
+    )
     out = load_npz(tmp_path, 6)
     assert out["arr_1"].dtype == np.int64 and out["arr_1"].shape == (6,) and set(out["arr_1"]) <= {0, 1, 2}
 
@@ -87,9 +123,21 @@ def test_image_sample_ddim_class_conditional(models, tmp_path):
 @pytest.mark.parametrize("model, use_ddim", [("cond", False), ("uncond", True)])
 def test_classifier_sample(models, tmp_path, model, use_ddim):
     flags = {**(COND if model == "cond" else UNCOND), **CLASSIFIER}
-    run("classifier_sample.py", args(flags, model_path=models[model], classifier_path=models["classifier"],
-                                     classifier_scale=4.0, num_samples=4, batch_size=4, use_ddim=use_ddim,
-                                     timestep_respacing=10, seed=2), tmp_path)
+    run(
+        "classifier_sample.py",
+        args(
+            flags,
+            model_path=models[model],
+            classifier_path=models["classifier"],
+            classifier_scale=4.0,
+            num_samples=4,
+            batch_size=4,
+            use_ddim=use_ddim,
+            timestep_respacing=10,
+            seed=2,
+        ),
+        tmp_path,
+    )
     out = load_npz(tmp_path, 4)
     assert out["arr_0"].shape == (4, 16, 16, 3) and out["arr_1"].dtype == np.int64
 
@@ -108,8 +156,11 @@ def test_a_seed_gives_the_same_images_for_any_batch_size(models, tmp_path):
 def test_classifier_scale_zero_reproduces_unguided_sampling(models, tmp_path, model):
     flags = {**(COND if model == "cond" else UNCOND), **CLASSIFIER}
     common = dict(model_path=models[model], num_samples=4, batch_size=4, timestep_respacing=10, seed=3)
-    run("classifier_sample.py", args(flags, classifier_path=models["classifier"], classifier_scale=0.0, **common),
-        tmp_path / "guided")
+    run(
+        "classifier_sample.py",
+        args(flags, classifier_path=models["classifier"], classifier_scale=0.0, **common),
+        tmp_path / "guided",
+    )
     run("image_sample.py", args(COND if model == "cond" else UNCOND, **common), tmp_path / "plain")
     assert np.array_equal(load_npz(tmp_path / "guided", 4)["arr_0"], load_npz(tmp_path / "plain", 4)["arr_0"])
 
@@ -117,17 +168,34 @@ def test_classifier_scale_zero_reproduces_unguided_sampling(models, tmp_path, mo
 def test_super_res_sample_consumes_image_sample_output(models, tmp_path):
     small = {**COND, "image_size": 8, "attention_resolutions": "4", "channel_mult": "1,2"}
     base_model = save_random_model("diffusion", small, tmp_path / "small.pt")
-    run("image_sample.py", args(small, model_path=base_model, num_samples=3, batch_size=3, timestep_respacing=5),
-        tmp_path / "base")
+    run(
+        "image_sample.py",
+        args(small, model_path=base_model, num_samples=3, batch_size=3, timestep_respacing=5),
+        tmp_path / "base",
+    )
     base = tmp_path / "base" / "samples_3x8x8x3.npz"
-    run("super_res_sample.py", args(SUPER_RES, model_path=models["super_res"], base_samples=base, num_samples=3,
-                                    batch_size=2, timestep_respacing=5), tmp_path / "sr")
+    run(
+        "super_res_sample.py",
+        args(
+            SUPER_RES,
+            model_path=models["super_res"],
+            base_samples=base,
+            num_samples=3,
+            batch_size=2,
+            timestep_respacing=5,
+        ),
+        tmp_path / "sr",
+    )
     out = load_npz(tmp_path / "sr", 3)
     assert out["arr_0"].shape == (3, 16, 16, 3)
     with np.load(base) as f:
         assert np.array_equal(out["arr_1"], f["arr_1"])  # each upsample keeps its base image's class
-    wrong = run("super_res_sample.py", args({**SUPER_RES, "small_size": 4}, model_path=models["super_res"],
-                                           base_samples=base, num_samples=3), tmp_path / "bad", check=False)
+    wrong = run(
+        "super_res_sample.py",
+        args({**SUPER_RES, "small_size": 4}, model_path=models["super_res"], base_samples=base, num_samples=3),
+        tmp_path / "bad",
+        check=False,
+    )
     assert wrong.returncode != 0 and "--small_size 4" in wrong.stderr
 
 
@@ -135,23 +203,54 @@ def test_super_res_sample_consumes_image_sample_output(models, tmp_path):
 def test_scripts_run_with_the_fast_samplers(models, tmp_path, sampler):
     # Guided (learned variances, class-conditional) and unguided; seeded runs repeat exactly at another batch size
     flags = {**COND, **CLASSIFIER}
-    common = dict(model_path=models["cond"], classifier_path=models["classifier"], classifier_scale=2.0,
-                  num_samples=3, sampler=sampler, sampling_steps=4, seed=5)
+    common = dict(
+        model_path=models["cond"],
+        classifier_path=models["classifier"],
+        classifier_scale=2.0,
+        num_samples=3,
+        sampler=sampler,
+        sampling_steps=4,
+        seed=5,
+    )
     result = run("classifier_sample.py", args(flags, batch_size=3, **common), tmp_path / "a")
     assert f"{sampler}, 4 model evaluations" in result.stdout
     run("classifier_sample.py", args(flags, batch_size=2, **common), tmp_path / "b")
     a, b = load_npz(tmp_path / "a", 3), load_npz(tmp_path / "b", 3)
     assert np.array_equal(a["arr_0"], b["arr_0"]) and a["arr_0"].std() > 5
-    run("image_sample.py", args(UNCOND, model_path=models["uncond"], num_samples=2, batch_size=2, sampler=sampler,
-                                sampling_steps=3, step_schedule="time", dynamic_threshold=0.99), tmp_path / "c")
+    run(
+        "image_sample.py",
+        args(
+            UNCOND,
+            model_path=models["uncond"],
+            num_samples=2,
+            batch_size=2,
+            sampler=sampler,
+            sampling_steps=3,
+            step_schedule="time",
+            dynamic_threshold=0.99,
+        ),
+        tmp_path / "c",
+    )
     assert load_npz(tmp_path / "c", 2)["arr_0"].shape == (2, 16, 16, 3)
 
 
 def test_fast_sampler_with_guidance_in_fp16(models, tmp_path):
     flags = {**COND, **CLASSIFIER, "use_fp16": True, "classifier_use_fp16": True}
-    run("classifier_sample.py", args(flags, model_path=models["cond"], classifier_path=models["classifier"],
-                                     classifier_scale=2.0, num_samples=2, batch_size=2, sampler="dpm++2m_sde",
-                                     sampling_steps=3, seed=1), tmp_path)
+    run(
+        "classifier_sample.py",
+        args(
+            flags,
+            model_path=models["cond"],
+            classifier_path=models["classifier"],
+            classifier_scale=2.0,
+            num_samples=2,
+            batch_size=2,
+            sampler="dpm++2m_sde",
+            sampling_steps=3,
+            seed=1,
+        ),
+        tmp_path,
+    )
     out = load_npz(tmp_path, 2)
     assert out["arr_0"].std() > 5 and out["arr_1"].shape == (2,)
 
@@ -160,8 +259,19 @@ def test_super_res_sample_with_a_fast_sampler(models, tmp_path):
     base = tmp_path / "base.npz"
     rng = np.random.default_rng(0)
     np.savez(base, rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8), np.array([0, 2]))
-    run("super_res_sample.py", args(SUPER_RES, model_path=models["super_res"], base_samples=base, num_samples=2,
-                                    batch_size=2, sampler="dpm++2m", sampling_steps=3), tmp_path / "sr")
+    run(
+        "super_res_sample.py",
+        args(
+            SUPER_RES,
+            model_path=models["super_res"],
+            base_samples=base,
+            num_samples=2,
+            batch_size=2,
+            sampler="dpm++2m",
+            sampling_steps=3,
+        ),
+        tmp_path / "sr",
+    )
     assert load_npz(tmp_path / "sr", 2)["arr_1"].tolist() == [0, 2]
 
 
@@ -187,8 +297,11 @@ def test_image_nll_gives_finite_bits_per_dim_close_to_calc_bpd_loop(models, tmp_
         img = np.concatenate([half, half[:, ::-1]], axis=1)  # mirror-symmetric: random flips change nothing
         Image.fromarray(img).save(data / f"img_{i}.png")
         images.append(img)
-    result = run("image_nll.py", args(UNCOND, model_path=models["uncond"], data_dir=data, num_samples=4,
-                                      batch_size=2, seed=0), tmp_path / "nll")
+    result = run(
+        "image_nll.py",
+        args(UNCOND, model_path=models["uncond"], data_dir=data, num_samples=4, batch_size=2, seed=0),
+        tmp_path / "nll",
+    )
     reported = float(result.stdout.split("evaluation complete: ")[1].split(" bits/dim")[0])
     with np.load(tmp_path / "nll" / "vb_terms.npz") as f:
         assert f["arr_0"].shape == (50,) and np.isfinite(f["arr_0"]).all()
@@ -216,15 +329,23 @@ def test_mpiexec_sampling_saves_exactly_num_samples(models, tmp_path):
 def test_bad_inputs_fail_clearly(models, tmp_path):
     missing = run("image_sample.py", args(UNCOND, num_samples=1), tmp_path / "a", check=False)
     assert missing.returncode != 0 and "--model_path is required" in missing.stderr
-    mismatch = run("image_sample.py", args(UNCOND, model_path=models["cond"], num_samples=1), tmp_path / "b",
-                   check=False)
-    assert mismatch.returncode != 0 and "--class_cond True" in mismatch.stderr and "--learn_sigma True" in mismatch.stderr
+    mismatch = run(
+        "image_sample.py", args(UNCOND, model_path=models["cond"], num_samples=1), tmp_path / "b", check=False
+    )
+    assert (
+        mismatch.returncode != 0 and "--class_cond True" in mismatch.stderr and "--learn_sigma True" in mismatch.stderr
+    )
 
 
 def test_main_job_runs_in_its_quick_form(tmp_path):
     env = {**os.environ, "GUIDED_DIFFUSION_DATA": str(tmp_path / "data_cache"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "toy_guidance.py"), "--quick", "--out_dir",
-                             str(tmp_path / "job")], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, "toy_guidance.py"), "--quick", "--out_dir", str(tmp_path / "job")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "judged as target class" in result.stdout and "scale 10" in result.stdout
     assert all(column in result.stdout for column in ("FID", "precision", "recall"))
@@ -234,8 +355,21 @@ def test_main_job_runs_in_its_quick_form(tmp_path):
 
 def test_main_job_cfg_mode_runs_in_its_quick_form(tmp_path):
     env = {**os.environ, "GUIDED_DIFFUSION_DATA": str(tmp_path / "data_cache"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "toy_guidance.py"), "--quick", "--mode", "cfg",
-                             "--out_dir", str(tmp_path / "job")], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(SCRIPTS, "toy_guidance.py"),
+            "--quick",
+            "--mode",
+            "cfg",
+            "--out_dir",
+            str(tmp_path / "job"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "classifier-free guidance" in result.stdout and "w 3" in result.stdout and "FID" in result.stdout
     assert not (tmp_path / "job" / "classifier").exists()  # no noisy classifier in this mode

@@ -52,8 +52,9 @@ def test_strong_guidance_moves_samples_towards_the_preferred_class():
     for name, target, scale in [("unguided", 0, 0.0), ("bright", 0, 10.0), ("dark", 1, 10.0)]:
         gens = [th.Generator().manual_seed(i) for i in range(16)]
         cond_fn = classifier_cond_fn(BrightnessClassifier(), scale) if scale else None
-        x = diffusion.p_sample_loop(smooth_model, shape, cond_fn=cond_fn, generator=gens,
-                                    model_kwargs={"y": th.full((16,), target)})
+        x = diffusion.p_sample_loop(
+            smooth_model, shape, cond_fn=cond_fn, generator=gens, model_kwargs={"y": th.full((16,), target)}
+        )
         means[name] = x.mean().item()
     # Unguided the mean pixel is ~0 (+-0.01 for 16 samples); guidance shifts it by ~0.1 either way.
     assert means["bright"] > means["unguided"] + 0.05 and means["dark"] < means["unguided"] - 0.05
@@ -87,8 +88,19 @@ def test_rank_batches_cover_every_index_once():
 def test_generate_is_independent_of_the_batch_size():
     diffusion = su.create_gaussian_diffusion(steps=50, noise_schedule="cosine", timestep_respacing="5")
     kwargs_for = lambda indices: {"y": draw_labels(indices, 1, 4, "cpu")}
-    runs = [generate(diffusion, smooth_model, num_samples=5, batch_size=b, image_shape=(3, 4, 4),
-                     kwargs_for=kwargs_for, seed=1, progress=False) for b in (2, 5)]
+    runs = [
+        generate(
+            diffusion,
+            smooth_model,
+            num_samples=5,
+            batch_size=b,
+            image_shape=(3, 4, 4),
+            kwargs_for=kwargs_for,
+            seed=1,
+            progress=False,
+        )
+        for b in (2, 5)
+    ]
     assert runs[0][0].shape == (5, 4, 4, 3) and runs[0][0].dtype == np.uint8
     assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
 
@@ -98,9 +110,21 @@ def test_fast_samplers_are_independent_of_the_batch_size(sampler):
     diffusion = su.create_gaussian_diffusion(steps=50, noise_schedule="cosine")
     kwargs_for = lambda indices: {"y": draw_labels(indices, 1, 2, "cpu")}
     cond_fn = classifier_cond_fn(BrightnessClassifier(), 2.0)
-    runs = [generate(diffusion, smooth_model, num_samples=5, batch_size=b, image_shape=(3, 4, 4), cond_fn=cond_fn,
-                     kwargs_for=kwargs_for, seed=seed, progress=False, sample_fn=sample_loop(diffusion, sampler, 6))
-            for b, seed in ((2, 1), (5, 1), (5, 2))]
+    runs = [
+        generate(
+            diffusion,
+            smooth_model,
+            num_samples=5,
+            batch_size=b,
+            image_shape=(3, 4, 4),
+            cond_fn=cond_fn,
+            kwargs_for=kwargs_for,
+            seed=seed,
+            progress=False,
+            sample_fn=sample_loop(diffusion, sampler, 6),
+        )
+        for b, seed in ((2, 1), (5, 1), (5, 2))
+    ]
     assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
     assert not np.array_equal(runs[0][0], runs[2][0])  # another seed, other images
 
@@ -120,12 +144,15 @@ def test_resolve_sampler_keeps_the_originals_meaning():
     assert sample_loop(diffusion, "ddim") == diffusion.ddim_sample_loop
 
 
-@pytest.mark.parametrize("flags,message", [
-    (dict(sampler="euler"), "'euler' is not one of ddpm, ddim"),
-    (dict(sampler="dpm++2m", use_ddim=True), "--use_ddim True contradicts"),
-    (dict(sampler="ddpm", sampling_steps=10, timestep_respacing="250"), "give one of them"),
-    (dict(sampling_steps=-1), "must be positive"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (dict(sampler="euler"), "'euler' is not one of ddpm, ddim"),
+        (dict(sampler="dpm++2m", use_ddim=True), "--use_ddim True contradicts"),
+        (dict(sampler="ddpm", sampling_steps=10, timestep_respacing="250"), "give one of them"),
+        (dict(sampling_steps=-1), "must be positive"),
+    ],
+)
 def test_resolve_sampler_rejects_contradictions(flags, message):
     with pytest.raises(ValueError, match=message):
         resolve_sampler(_sampler_flags(**flags))

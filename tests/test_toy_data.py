@@ -7,12 +7,7 @@ from PIL import Image
 
 from guided_diffusion import toy_data
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.toy_data import (
-    TOY_CLASSES,
-    ensure_toy_dataset,
-    make_toy_dataset,
-    render_toy_image,
-)
+from guided_diffusion.toy_data import TOY_CLASSES, ensure_toy_dataset, make_toy_dataset, render_toy_image
 
 N = 8  # images per class: small keeps these tests fast
 
@@ -119,8 +114,9 @@ def test_render_unknown_class():
 def test_load_data_reads_toy_labels(tmp_path):
     folder = ensure_toy_dataset(root=str(tmp_path), image_size=16, num_per_class=N)
     total = N * len(TOY_CLASSES)
-    data = load_data(data_dir=folder, batch_size=total, image_size=16,
-                     class_cond=True, deterministic=True, random_flip=False)
+    data = load_data(
+        data_dir=folder, batch_size=total, image_size=16, class_cond=True, deterministic=True, random_flip=False
+    )
     batch, cond = next(data)
     assert batch.shape == (total, 3, 16, 16)
     # Sorted file order: all of class 0, then class 1, ...
@@ -128,8 +124,7 @@ def test_load_data_reads_toy_labels(tmp_path):
     assert cond["y"].tolist() == expected
     with Image.open(os.path.join(folder, _pngs(folder)[0])) as img:
         first = np.array(img)
-    np.testing.assert_allclose(batch[0].numpy().transpose(1, 2, 0),
-                               first / 127.5 - 1, atol=1e-6)
+    np.testing.assert_allclose(batch[0].numpy().transpose(1, 2, 0), first / 127.5 - 1, atol=1e-6)
 
 
 def test_interrupted_creation_is_not_treated_as_complete(tmp_path, monkeypatch):

@@ -24,8 +24,15 @@ from guided_diffusion.train_util import (
     train_diffusion_from_flags,
 )
 
-MODEL_FLAGS = dict(image_size=16, num_channels=32, num_res_blocks=1, attention_resolutions="8", learn_sigma=True,
-                   class_cond=True, diffusion_steps=100)
+MODEL_FLAGS = dict(
+    image_size=16,
+    num_channels=32,
+    num_res_blocks=1,
+    attention_resolutions="8",
+    learn_sigma=True,
+    class_cond=True,
+    diffusion_steps=100,
+)
 
 
 @pytest.fixture
@@ -49,8 +56,18 @@ def fixed_batches(n=8, size=16, classes=4, seed=0):
 
 def make_loop(data=None, **overrides):
     model, diffusion = tiny_model_and_diffusion()
-    args = dict(model=model, diffusion=diffusion, data=data or fixed_batches(), batch_size=8, microbatch=-1,
-                lr=1e-3, ema_rate="0.9,0.99", log_interval=2, save_interval=3, resume_checkpoint="")
+    args = dict(
+        model=model,
+        diffusion=diffusion,
+        data=data or fixed_batches(),
+        batch_size=8,
+        microbatch=-1,
+        lr=1e-3,
+        ema_rate="0.9,0.99",
+        log_interval=2,
+        save_interval=3,
+        resume_checkpoint="",
+    )
     args.update(overrides)
     return TrainLoop(**args)
 
@@ -84,8 +101,15 @@ def test_logs_have_step_samples_and_loss_quartiles(log_dir):
     last = dict(zip(header, progress[-1].split(",")))
     assert last["step"] == "4" and last["samples"] == "32"
     assert sorted(p.name for p in log_dir.glob("*.pt")) == [
-        "ema_0.99_000003.pt", "ema_0.99_000004.pt", "ema_0.9_000003.pt", "ema_0.9_000004.pt",
-        "model000003.pt", "model000004.pt", "opt000003.pt", "opt000004.pt"]
+        "ema_0.99_000003.pt",
+        "ema_0.99_000004.pt",
+        "ema_0.9_000003.pt",
+        "ema_0.9_000004.pt",
+        "model000003.pt",
+        "model000004.pt",
+        "opt000003.pt",
+        "opt000004.pt",
+    ]
 
 
 def logged_rows(log_dir):
@@ -115,8 +139,9 @@ def test_first_last_and_every_log_interval_steps_are_logged(log_dir, steps, log_
 
 def test_a_resumed_run_logs_global_steps(log_dir):
     make_loop(lr_anneal_steps=3, log_interval=2, save_interval=3).run_loop()
-    make_loop(lr_anneal_steps=7, log_interval=2, save_interval=100,
-              resume_checkpoint=str(log_dir / "model000003.pt")).run_loop()
+    make_loop(
+        lr_anneal_steps=7, log_interval=2, save_interval=100, resume_checkpoint=str(log_dir / "model000003.pt")
+    ).run_loop()
     # The resumed run starts at step 4 (its first) and then logs at the multiples of 2, like it saves.
     assert_logged_steps(log_dir, [1, 2, 3, 4, 6, 7])
 
@@ -294,12 +319,30 @@ def test_bf16_training_runs_under_autocast(log_dir):
 
 
 def make_classifier_loop(**overrides):
-    flags = {**su.classifier_and_diffusion_defaults(), "image_size": 16, "classifier_width": 64,
-             "classifier_depth": 1, "classifier_attention_resolutions": "8", "diffusion_steps": 100}
+    flags = {
+        **su.classifier_and_diffusion_defaults(),
+        "image_size": 16,
+        "classifier_width": 64,
+        "classifier_depth": 1,
+        "classifier_attention_resolutions": "8",
+        "diffusion_steps": 100,
+    }
     model, diffusion = su.create_classifier_and_diffusion(**flags)
-    args = dict(model=model, diffusion=diffusion, data=fixed_batches(), val_data=fixed_batches(seed=1), batch_size=8,
-                microbatch=4, lr=1e-3, iterations=12, log_interval=4, save_interval=5, eval_interval=3,
-                resume_checkpoint="", noised=False)
+    args = dict(
+        model=model,
+        diffusion=diffusion,
+        data=fixed_batches(),
+        val_data=fixed_batches(seed=1),
+        batch_size=8,
+        microbatch=4,
+        lr=1e-3,
+        iterations=12,
+        log_interval=4,
+        save_interval=5,
+        eval_interval=3,
+        resume_checkpoint="",
+        noised=False,
+    )
     args.update(overrides)
     return ClassifierTrainLoop(**args)
 
@@ -313,7 +356,13 @@ def test_classifier_training_lowers_the_loss_and_saves(log_dir):
     after = th.nn.functional.cross_entropy(loop.model(x, t), extra["y"]).item()
     assert after < 0.5 * before
     assert sorted(p.name for p in log_dir.glob("*.pt")) == [
-        "model000005.pt", "model000010.pt", "model000012.pt", "opt000005.pt", "opt000010.pt", "opt000012.pt"]
+        "model000005.pt",
+        "model000010.pt",
+        "model000012.pt",
+        "opt000005.pt",
+        "opt000010.pt",
+        "opt000012.pt",
+    ]
     header = (log_dir / "progress.csv").read_text().splitlines()[0].split(",")
     assert {"train_loss", "train_acc@1", "train_acc@5", "val_loss", "val_acc@1", "train_loss_q0"} <= set(header)
 
@@ -329,15 +378,17 @@ def test_classifier_resume_continues_from_the_checkpoint(log_dir):
 
 @pytest.mark.parametrize("iterations, log_interval, logged", LOGGED_STEPS)
 def test_classifier_logs_first_last_and_every_log_interval_steps(log_dir, iterations, log_interval, logged):
-    make_classifier_loop(iterations=iterations, log_interval=log_interval, save_interval=100,
-                         eval_interval=100).run_loop()
+    make_classifier_loop(
+        iterations=iterations, log_interval=log_interval, save_interval=100, eval_interval=100
+    ).run_loop()
     assert_logged_steps(log_dir, logged, loss_key="train_loss")
 
 
 def test_classifier_resumed_run_logs_global_steps(log_dir):
     make_classifier_loop(iterations=5, log_interval=4, eval_interval=100).run_loop()
-    make_classifier_loop(iterations=11, log_interval=4, eval_interval=100,
-                         resume_checkpoint=str(log_dir / "model000005.pt")).run_loop()
+    make_classifier_loop(
+        iterations=11, log_interval=4, eval_interval=100, resume_checkpoint=str(log_dir / "model000005.pt")
+    ).run_loop()
     assert_logged_steps(log_dir, [1, 4, 5, 6, 8, 11], loss_key="train_loss")
 
 
@@ -377,20 +428,33 @@ def test_train_diffusion_from_flags_drops_labels_for_classifier_free_guidance(lo
 
 def test_unknown_schedule_sampler_flag_is_a_usage_error():
     _, diffusion = tiny_model_and_diffusion()
-    assert isinstance(schedule_sampler_from_flags(train_args({"schedule_sampler": "loss-second-moment"}), diffusion),
-                      LossSecondMomentResampler)
+    assert isinstance(
+        schedule_sampler_from_flags(train_args({"schedule_sampler": "loss-second-moment"}), diffusion),
+        LossSecondMomentResampler,
+    )
     with pytest.raises(UsageError, match="unknown schedule sampler"):
         schedule_sampler_from_flags(train_args({"schedule_sampler": "sorted"}), diffusion)
 
 
 def test_train_classifier_from_flags(log_dir):
-    flags = {**su.classifier_and_diffusion_defaults(), "image_size": 16, "classifier_width": 64,
-             "classifier_depth": 1, "classifier_attention_resolutions": "8", "diffusion_steps": 100}
+    flags = {
+        **su.classifier_and_diffusion_defaults(),
+        "image_size": 16,
+        "classifier_width": 64,
+        "classifier_depth": 1,
+        "classifier_attention_resolutions": "8",
+        "diffusion_steps": 100,
+    }
     model, diffusion = su.create_classifier_and_diffusion(**flags)
-    args = train_args({**flags, **fl.CLASSIFIER_TRAIN_FLAGS.defaults()}, iterations=3, batch_size=8, save_interval=2,
-                      eval_interval=2)
+    args = train_args(
+        {**flags, **fl.CLASSIFIER_TRAIN_FLAGS.defaults()}, iterations=3, batch_size=8, save_interval=2, eval_interval=2
+    )
     loop = train_classifier_from_flags(args, model, diffusion, fixed_batches(), val_data=fixed_batches(seed=1))
     assert loop.global_step == 3 and loop.noised
     assert sorted(p.name for p in log_dir.glob("*.pt")) == [
-        "model000002.pt", "model000003.pt", "opt000002.pt", "opt000003.pt"]
+        "model000002.pt",
+        "model000003.pt",
+        "opt000002.pt",
+        "opt000003.pt",
+    ]
     assert "val_loss" in logged_rows(log_dir)[0]

@@ -19,8 +19,17 @@ from guided_diffusion.unet import (
 
 
 def tiny_unet(**kw):
-    args = dict(image_size=16, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
-                attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True)
+    args = dict(
+        image_size=16,
+        in_channels=3,
+        model_channels=32,
+        out_channels=3,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+        num_heads=2,
+        use_scale_shift_norm=True,
+    )
     args.update(kw)
     return UNetModel(**args)
 
@@ -67,8 +76,18 @@ def test_labels_required_iff_class_conditional():
 
 
 def test_super_res_model_concatenates_the_upsampled_low_res():
-    model = randomise(SuperResModel(image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-                                    attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2))
+    model = randomise(
+        SuperResModel(
+            image_size=16,
+            in_channels=3,
+            model_channels=32,
+            out_channels=6,
+            num_res_blocks=1,
+            attention_resolutions=(2,),
+            channel_mult=(1, 2),
+            num_heads=2,
+        )
+    )
     assert model.input_blocks[0][0].weight.shape[1] == 6
     low = th.randn(2, 3, 8, 8)
     out = model(X, T, low_res=low)
@@ -80,19 +99,46 @@ def test_super_res_model_concatenates_the_upsampled_low_res():
 
 @pytest.mark.parametrize("pool", ["adaptive", "attention", "spatial", "spatial_v2"])
 def test_encoder_pools(pool):
-    model = EncoderUNetModel(image_size=16, in_channels=3, model_channels=32, out_channels=7, num_res_blocks=1,
-                             attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=32,
-                             use_scale_shift_norm=True, resblock_updown=True, pool=pool)
+    model = EncoderUNetModel(
+        image_size=16,
+        in_channels=3,
+        model_channels=32,
+        out_channels=7,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+        num_head_channels=32,
+        use_scale_shift_norm=True,
+        resblock_updown=True,
+        pool=pool,
+    )
     logits = randomise(model)(X, T)
     assert logits.shape == (2, 7) and th.isfinite(logits).all()
 
 
 def test_unet_in_1d_and_3d():
-    one = UNetModel(image_size=16, in_channels=2, model_channels=32, out_channels=2, num_res_blocks=1,
-                    attention_resolutions=(2,), channel_mult=(1, 2), dims=1)
+    one = UNetModel(
+        image_size=16,
+        in_channels=2,
+        model_channels=32,
+        out_channels=2,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+        dims=1,
+    )
     assert one(th.randn(2, 2, 16), T).shape == (2, 2, 16)
-    three = UNetModel(image_size=8, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
-                      attention_resolutions=(), channel_mult=(1, 2), dims=3, resblock_updown=True)
+    three = UNetModel(
+        image_size=8,
+        in_channels=1,
+        model_channels=32,
+        out_channels=1,
+        num_res_blocks=1,
+        attention_resolutions=(),
+        channel_mult=(1, 2),
+        dims=3,
+        resblock_updown=True,
+    )
     assert three(th.randn(2, 1, 3, 8, 8), T).shape == (2, 1, 3, 8, 8)
 
 
@@ -201,9 +247,18 @@ def test_a_model_without_its_own_kernel_follows_the_module_default(monkeypatch):
 
 
 def test_the_encoder_passes_its_kernel_to_the_attention_pool():
-    model = EncoderUNetModel(image_size=16, in_channels=3, model_channels=32, out_channels=7, num_res_blocks=1,
-                             attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=32, pool="attention",
-                             attention_impl="einsum")
+    model = EncoderUNetModel(
+        image_size=16,
+        in_channels=3,
+        model_channels=32,
+        out_channels=7,
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        channel_mult=(1, 2),
+        num_head_channels=32,
+        pool="attention",
+        attention_impl="einsum",
+    )
     assert attention_kernels(model) == {"einsum"} and attention_kernels(model.out[2]) == {"einsum"}
 
 
@@ -232,7 +287,7 @@ def test_gradient_checkpointing_gives_identical_results():
     for model in (plain, ckpt):
         x = X.clone().requires_grad_(True)
         out = model(x, T, y=y)
-        (out ** 2).sum().backward()
+        (out**2).sum().backward()
         outs.append(out)
         grads.append([x.grad] + [p.grad for p in model.parameters()])
     th.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
@@ -244,8 +299,13 @@ def test_fp16_conversion_changes_exactly_the_body_convolutions():
     model = tiny_unet(num_classes=3, resblock_updown=True)
     before = {k: v.dtype for k, v in model.state_dict().items()}
     model.convert_to_fp16()
-    convs = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, (th.nn.Conv1d, th.nn.Conv2d))
-             and name.split(".")[0] in ("input_blocks", "middle_block", "output_blocks") for p in ("weight", "bias")}
+    convs = {
+        f"{name}.{p}"
+        for name, m in model.named_modules()
+        if isinstance(m, (th.nn.Conv1d, th.nn.Conv2d))
+        and name.split(".")[0] in ("input_blocks", "middle_block", "output_blocks")
+        for p in ("weight", "bias")
+    }
     changed = {k for k, v in model.state_dict().items() if v.dtype != before[k]}
     assert changed == convs and all(model.state_dict()[k].dtype == th.float16 for k in convs)
     assert model.dtype == th.float16 and model.out[2].weight.dtype == th.float32
@@ -285,15 +345,26 @@ def test_resblock_matches_a_float64_reference():
 # ---------------------------------------------------------------- settings
 
 
-SR_ARGS = dict(image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1,
-               attention_resolutions=[2], channel_mult=[1, 2], num_heads=2)
+SR_ARGS = dict(
+    image_size=16,
+    in_channels=3,
+    model_channels=32,
+    out_channels=6,
+    num_res_blocks=1,
+    attention_resolutions=[2],
+    channel_mult=[1, 2],
+    num_heads=2,
+)
 
 
-@pytest.mark.parametrize("cls, kwargs", [
-    (UNetModel, dict(num_classes=5, resblock_updown=True, num_heads_upsample=1, attention_impl="einsum")),
-    (SuperResModel, SR_ARGS),
-    (EncoderUNetModel, dict(num_head_channels=16, pool="attention", use_fp16=True)),
-])
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (UNetModel, dict(num_classes=5, resblock_updown=True, num_heads_upsample=1, attention_impl="einsum")),
+        (SuperResModel, SR_ARGS),
+        (EncoderUNetModel, dict(num_head_channels=16, pool="attention", use_fp16=True)),
+    ],
+)
 def test_settings_rebuild_the_same_network(cls, kwargs):
     model = cls(**{**SR_ARGS, **kwargs})
     again = cls.from_settings(model.settings)
