@@ -169,6 +169,30 @@ def _process_xstart(x, clip_denoised, denoised_fn):
 # --------------------------------------------------------------------------- diffusion
 
 
+def _schedule_arrays(betas):
+    """The per-timestep float64 (T,) arrays of the forward process and the posterior, by attribute name."""
+    ac = np.cumprod(1.0 - betas, axis=0)  # alpha_bar_t = prod_{s<=t} (1 - beta_s) (DDPM, Eq. 4)
+    ac_prev, ac_next = np.append(1.0, ac[:-1]), np.append(ac[1:], 0.0)
+    # q(x_{t-1} | x_t, x_0): variance beta_tilde_t (DDPM, Eq. 7)
+    posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+    return dict(
+        alphas_cumprod=ac,
+        alphas_cumprod_prev=ac_prev,
+        alphas_cumprod_next=ac_next,
+        sqrt_alphas_cumprod=np.sqrt(ac),
+        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
+        log_one_minus_alphas_cumprod=np.log(1.0 - ac),
+        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1),
+        posterior_variance=posterior_variance,
+        # beta_tilde_0 = 0, so the log uses beta_tilde_1 at t = 0 instead.
+        posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+        # mu_tilde_t's coefficients of x_0 and x_t (DDPM, Eq. 7)
+        posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
+        posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(1.0 - betas) / (1.0 - ac),
+    )
+
+
 def _options(clip_denoised, denoised_fn, cond_fn, model_kwargs, **more):
     """The keyword options every sampler of samplers.py shares, from the original's positional arguments."""
     return dict(
@@ -210,30 +234,8 @@ class GaussianDiffusion:
             raise ValueError("betas must be a 1-D array with every value in (0, 1]")
         self.betas = betas
         self.num_timesteps = int(betas.shape[0])
-        self._init_forward_constants()
-        self._init_posterior_constants()
-
-    def _init_forward_constants(self):
-        # alpha_bar_t = prod_{s<=t} (1 - beta_s) (DDPM, Eq. 4).
-        alphas = 1.0 - self.betas
-        self.alphas_cumprod = np.cumprod(alphas, axis=0)
-        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
-        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
-        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
-        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
-        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
-        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
-
-    def _init_posterior_constants(self):
-        ac, ac_prev = self.alphas_cumprod, self.alphas_cumprod_prev
-        # q(x_{t-1} | x_t, x_0): beta_tilde_t (DDPM, Eq. 7).
-        self.posterior_variance = self.betas * (1.0 - ac_prev) / (1.0 - ac)
-        # beta_tilde_0 = 0, so the log uses beta_tilde_1 at t = 0 instead.
-        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
-        # mu_tilde_t coefficients of x_0 and x_t (DDPM, Eq. 7).
-        self.posterior_mean_coef1 = self.betas * np.sqrt(ac_prev) / (1.0 - ac)
-        self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - self.betas) / (1.0 - ac)
+        # alphas_cumprod, the posterior's coefficients, ...: the float64 (T,) arrays the original keeps.
+        vars(self).update(_schedule_arrays(betas))
 
     # ---------------------------------------------------------------- forward process
 

@@ -367,13 +367,22 @@ def reset():
 @contextlib.contextmanager
 def scoped_configure(dir=None, format_strs=None, comm=None):
     """Log somewhere else for the duration of a ``with`` block."""
-    prev_logger = Logger.CURRENT
-    configure(dir=dir, format_strs=format_strs, comm=comm)
+    with restored():
+        configure(dir=dir, format_strs=format_strs, comm=comm)
+        yield
+
+
+@contextlib.contextmanager
+def restored():
+    """The logger current before the ``with`` block is current after it, whatever configure() calls the
+    block makes (a script's start_run, say); a logger configured inside is closed."""
+    previous = Logger.CURRENT
     try:
         yield
     finally:
-        Logger.CURRENT.close()
-        Logger.CURRENT = prev_logger
+        if Logger.CURRENT is not previous:
+            Logger.CURRENT.close()
+            Logger.CURRENT = previous
 
 
 # ---------------------------------------------------------------------------

@@ -131,23 +131,14 @@ def run_step(title, main, args, log_dir):
     A failing step raises a UserError naming the step and its log (the traceback is in the log)."""
     os.makedirs(log_dir, exist_ok=True)
     log_file = os.path.join(log_dir, STEP_LOG)
-    previous = logger.Logger.CURRENT
     with open(log_file, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
-            return main(list(args) + ["--log_dir", log_dir])
+            with logger.restored():  # the script's start_run configures its own logger
+                return main(list(args) + ["--log_dir", log_dir])
         except Exception as exc:
             traceback.print_exc()
             reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             raise UserError(f"the {title} step failed ({reason}); its log: {log_file}") from exc
-        finally:
-            restore_logger(previous)
-
-
-def restore_logger(previous):
-    """Close the logger a script's start_run configured and make `previous` current again."""
-    if logger.Logger.CURRENT is not previous:
-        logger.Logger.CURRENT.close()
-        logger.Logger.CURRENT = previous
 
 
 def training_steps(cfg):

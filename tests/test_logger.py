@@ -177,6 +177,24 @@ def test_scoped_configure_restores_previous(tmp_path):
     assert read_json_lines(tmp_path / "inner" / "progress.json") == [{"inner_key": 1}]
 
 
+def test_restored_closes_what_the_block_configured_and_brings_back_the_caller(tmp_path):
+    logger.configure(dir=str(tmp_path / "outer"), format_strs=["csv"])
+    outer = logger.get_current()
+    with logger.restored():
+        logger.configure(dir=str(tmp_path / "a"), format_strs=["log"])
+        logger.configure(dir=str(tmp_path / "b"), format_strs=["log"])  # a second run in the same block
+        inner = logger.get_current()
+        logger.log("inside")
+    assert logger.get_current() is outer and inner is not outer
+    assert all(f.file.closed for f in inner.output_formats)
+    assert "inside" in (tmp_path / "b" / "log.txt").read_text()
+    with logger.restored():  # a block that configures nothing leaves the current logger open
+        pass
+    assert logger.get_current() is outer and not any(
+        getattr(f, "file", None) and f.file.closed for f in outer.output_formats
+    )
+
+
 def test_reset_returns_to_default(tmp_path):
     default = Logger(dir=str(tmp_path), output_formats=[])
     Logger.CURRENT = Logger.DEFAULT = default
