@@ -20,88 +20,18 @@ import time
 import torch as th
 
 from guided_diffusion import script_util as su
+from guided_diffusion.released import released_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The original README's flags for each command: (script, kind of each checkpoint, MODEL_FLAGS, extra flags).
-COMMON = dict(
-    attention_resolutions="32,16,8",
-    diffusion_steps=1000,
-    learn_sigma=True,
-    resblock_updown=True,
-    use_fp16=True,
-    use_scale_shift_norm=True,
-)
+# Each command of the original README: (script, its model's released layout, its classifier's or None, the
+# command's other flags). The README's model and classifier flags come from guided_diffusion.released.
 COMMANDS = {
-    "64x64": (
-        "classifier_sample.py",
-        dict(
-            COMMON,
-            class_cond=True,
-            dropout=0.1,
-            image_size=64,
-            noise_schedule="cosine",
-            num_channels=192,
-            num_head_channels=64,
-            num_res_blocks=3,
-            use_new_attention_order=True,
-        ),
-        dict(classifier_scale=1.0, classifier_depth=4),
-    ),
-    "128x128": (
-        "classifier_sample.py",
-        dict(
-            COMMON,
-            class_cond=True,
-            image_size=128,
-            noise_schedule="linear",
-            num_channels=256,
-            num_heads=4,
-            num_res_blocks=2,
-        ),
-        dict(classifier_scale=0.5),
-    ),
-    "256x256": (
-        "classifier_sample.py",
-        dict(
-            COMMON,
-            class_cond=True,
-            image_size=256,
-            noise_schedule="linear",
-            num_channels=256,
-            num_head_channels=64,
-            num_res_blocks=2,
-        ),
-        dict(classifier_scale=1.0),
-    ),
-    "64_256": (
-        "super_res_sample.py",
-        dict(
-            COMMON,
-            class_cond=True,
-            large_size=256,
-            small_size=64,
-            noise_schedule="linear",
-            num_channels=192,
-            num_heads=4,
-            num_res_blocks=2,
-        ),
-        {},
-    ),
-    "lsun": (
-        "image_sample.py",
-        dict(
-            COMMON,
-            class_cond=False,
-            dropout=0.1,
-            image_size=256,
-            noise_schedule="linear",
-            num_channels=256,
-            num_head_channels=64,
-            num_res_blocks=2,
-        ),
-        {},
-    ),
+    "64x64": ("classifier_sample.py", "64x64_diffusion", "64x64_classifier", dict(classifier_scale=1.0)),
+    "128x128": ("classifier_sample.py", "128x128_diffusion", "128x128_classifier", dict(classifier_scale=0.5)),
+    "256x256": ("classifier_sample.py", "256x256_diffusion", "256x256_classifier", dict(classifier_scale=1.0)),
+    "64_256": ("super_res_sample.py", "64_256_upsampler", None, {}),
+    "lsun": ("image_sample.py", "256x256_diffusion_uncond", None, {}),  # the layout of the four LSUN models
 }
 
 
@@ -117,15 +47,17 @@ def argv(flags):
 
 
 def run(name, workdir, overrides, base_samples=None):
-    script, model_flags, extra = COMMANDS[name]
-    kind = "super_res" if script == "super_res_sample.py" else "diffusion"
-    paths = {"model_path": random_checkpoint(kind, model_flags, os.path.join(workdir, f"{name}.pt"))}
-    if script == "classifier_sample.py":
-        clf_flags = {
-            "image_size": model_flags["image_size"],
-            **{k: v for k, v in extra.items() if k != "classifier_scale"},
-        }
-        paths["classifier_path"] = random_checkpoint("classifier", clf_flags, os.path.join(workdir, f"{name}_clf.pt"))
+    script, model_name, classifier_name, extra = COMMANDS[name]
+    model = released_record(model_name)
+    model_flags, paths = dict(model.flags), {}
+    paths["model_path"] = random_checkpoint(model.kind, model_flags, os.path.join(workdir, f"{name}.pt"))
+    if classifier_name:
+        classifier = released_record(classifier_name)
+        model_flags.update(classifier.flags)  # the README passes both flag sets to classifier_sample.py
+        clf_path = os.path.join(workdir, f"{name}_clf.pt")
+        paths["classifier_path"] = random_checkpoint("classifier", dict(classifier.flags), clf_path)
+    else:  # the scripts without a classifier have no --classifier_use_fp16
+        overrides = {k: v for k, v in overrides.items() if k != "classifier_use_fp16"}
     if base_samples:
         paths["base_samples"] = base_samples
     log_dir = os.path.join(workdir, f"out_{name}")

@@ -149,6 +149,13 @@ KIND_NAMES = {
 # --------------------------------------------------------------------------- released layouts
 
 
+def released_record(name):
+    """The ReleasedCheckpoint called `name` (e.g. "64x64_diffusion")."""
+    if name not in _BY_NAME:
+        raise KeyError(f"no released layout {name!r}; known: {', '.join(_BY_NAME)}")
+    return _BY_NAME[name]
+
+
 def released_flags(record, kind_defaults=None):
     """Every flag of the record's kind: the defaults (of its kind unless given), updated by the README's flags."""
     flags = dict(MODEL_KINDS[record.kind][0]() if kind_defaults is None else kind_defaults)

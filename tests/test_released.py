@@ -14,6 +14,7 @@ from guided_diffusion.checkpoints import layout_of
 from guided_diffusion.layout_flags import LAYOUT_FREE_FLAGS
 from guided_diffusion.released import (
     RELEASED,
+    released_record,
     checkpoint_kind,
     describe,
     describe_state,
@@ -259,3 +260,10 @@ def test_script_reports_unreadable_files_without_a_traceback(files):
     assert f"describe_checkpoint.py: error: cannot read {paths['bad.pt']}" in result.stderr
     assert "missing.pt" in result.stderr
     assert "opt000003.pt: optimizer state (saved after 3 steps)" in result.stdout  # the readable file still printed
+
+
+def test_released_record_finds_each_layout_by_name_and_names_the_known_ones():
+    assert [released_record(r.name) for r in RELEASED] == list(RELEASED)
+    assert released_record("64x64_classifier").flags["classifier_depth"] == 4
+    with pytest.raises(KeyError, match="64x64_diffusion"):
+        released_record("64x64_difusion")
