@@ -14,7 +14,6 @@ from guided_diffusion.checkpoints import layout_of
 from guided_diffusion.layout_flags import LAYOUT_FREE_FLAGS
 from guided_diffusion.released import (
     RELEASED,
-    released_record,
     checkpoint_kind,
     describe,
     describe_state,
@@ -22,6 +21,7 @@ from guided_diffusion.released import (
     match_released,
     released_flags,
     released_layout,
+    released_record,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
