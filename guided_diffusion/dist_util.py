@@ -10,6 +10,7 @@ tensors with Gloo for CPU ones when a GPU is present, Gloo alone otherwise.
 import os
 import socket
 import sys
+import time
 
 import torch as th
 import torch.distributed as dist
@@ -130,6 +131,9 @@ def launch_rank(comm=None):
     return 0
 
 
+ABORT_RELAY_S = 0.5  # how long a rank's last output has to reach mpiexec before Abort
+
+
 def abort_run(code):
     """End this process with exit status `code`, and under MPI every other rank of the job too.
 
@@ -138,7 +142,11 @@ def abort_run(code):
     """
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and get_world_size() > 1:
+        sys.stdout.flush()
         sys.stderr.flush()
+        # mpiexec relays each rank's output through a pipe, and Abort kills the relay too: give it a moment
+        # to pass on the message just written, or the user sees the run end without a word.
+        time.sleep(ABORT_RELAY_S)
         mpi.COMM_WORLD.Abort(code)
     sys.exit(code)
 
